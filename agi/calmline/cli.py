@@ -1,0 +1,133 @@
+"""The `calmline` command: serve, check, dialplan, prompts, outbox, audit.
+
+Exit statuses follow click's convention: 0 success, 1 a check or operation failed,
+2 a usage or configuration error (with one line per problem, naming the key and the fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from calmline import __version__
+from calmline import config as config_module
+from calmline.errors import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _load(args: argparse.Namespace) -> tuple[config_module.Config, str]:
+    cfg, source = config_module.load(args.config)
+    overrides = {}
+    if getattr(args, "host", None):
+        overrides["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        overrides["port"] = args.port
+    if overrides:
+        data = cfg.model_dump()
+        data["server"].update(overrides)
+        try:
+            cfg = config_module.Config.model_validate(data)
+        except config_module.ValidationError as exc:
+            raise ConfigError(config_module._problems("command line", exc)) from None
+    return cfg, source
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from calmline.service import serve
+
+    cfg, source = _load(args)
+    runner = asyncio.run
+    if not args.no_uvloop:
+        try:
+            import uvloop
+
+            runner = uvloop.run
+        except ImportError:
+            pass
+    try:
+        runner(serve(cfg, source))
+    except OSError as exc:
+        print(
+            f"calmline: cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror or exc} "
+            f"(set server.host / server.port, or stop what is using the port)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from calmline.check import run_checks
+
+    cfg, source = _load(args)
+    problems, notes = run_checks(cfg, args)
+    for note in notes:
+        print(f"ok: {note}")
+    for problem in problems:
+        print(f"problem: {problem}")
+    if problems:
+        print(f"calmline check: {len(problems)} problem(s) in {source}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"calmline check: {source} is fine")
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from calmline.audit import read_events
+
+    cfg, _source = _load(args)
+    path = cfg.audit.database
+    if not path.exists():
+        print(f"calmline: no audit trail at {path} yet (audit.database)", file=sys.stderr)
+        return EXIT_FAILED
+    for event in read_events(path, linkedid=args.linkedid, limit=args.limit):
+        print(json.dumps(event, ensure_ascii=False))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="calmline", description="Keypad codes for agents facing abusive callers, over FastAGI."
+    )
+    parser.add_argument("--version", action="version", version=f"calmline {__version__}")
+    parser.add_argument(
+        "-c", "--config", type=Path, default=None,
+        help="config file (default: config/calmline.toml if it exists, else embedded defaults)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the FastAGI service")
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check", help="validate config, codes, prompts, the port and (with AMI) Asterisk")
+    check.add_argument("--no-port", action="store_true", help="do not probe the service port")
+    check.add_argument("--ami-host", default=None, help="ask this Asterisk's AMI whether the features are loaded")
+    check.add_argument("--ami-port", type=int, default=5038)
+    check.add_argument("--ami-user", default=None)
+    check.add_argument("--ami-secret", default=None, help="or set CALMLINE_AMI_SECRET")
+    check.set_defaults(func=cmd_check)
+
+    audit = sub.add_parser("audit", help="print audit events as JSON lines")
+    audit.add_argument("--linkedid", help="only this call")
+    audit.add_argument("--limit", type=int, default=200)
+    audit.set_defaults(func=cmd_audit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"calmline: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130

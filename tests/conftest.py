@@ -1,0 +1,65 @@
+"""Shared fixtures: a real calmline service on a free loopback port, with its audit store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from calmline import service as service_module  # noqa: E402
+from calmline.audit import read_events  # noqa: E402
+from calmline.config import Config  # noqa: E402
+
+
+def make_config(tmp_path: Path, **sections) -> Config:
+    data = {
+        "server": {"host": "127.0.0.1", "port": 0, "environment_timeout": 1.0, "answer_timeout": 5.0},
+        "audit": {"database": str(tmp_path / "audit.sqlite3"), "stdout": True},
+        "mail": {"outbox": str(tmp_path / "outbox.sqlite3"), "port": 1},
+    }
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return Config.model_validate(data)
+
+
+class RunningService:
+    def __init__(self, svc, stdout: io.StringIO):
+        self.svc = svc
+        self.stdout = stdout
+
+    @property
+    def port(self) -> int:
+        return self.svc.address[1]
+
+    def events(self, **filters):
+        self.svc.store.flush()
+        events = read_events(self.svc.config.audit.database, limit=100000)
+        return [e for e in events if all(e.get(k) == v for k, v in filters.items())]
+
+
+@pytest.fixture
+def serving(tmp_path):
+    """`async with serving(**config_sections) as svc:` runs calmline on a free loopback port."""
+
+    @contextlib.asynccontextmanager
+    async def serve(**sections):
+        cfg = make_config(tmp_path, **sections)
+        stdout = io.StringIO()
+        svc = service_module.build(cfg, stdout=stdout)
+        await svc.start()
+        try:
+            yield RunningService(svc, stdout)
+        finally:
+            await svc.stop(grace=2.0)
+
+    return serve
+
+
+def run(coro):
+    return asyncio.run(coro)
