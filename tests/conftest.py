@@ -63,3 +63,26 @@ def serving(tmp_path):
 
 def run(coro):
     return asyncio.run(coro)
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory):
+    """A real Asterisk 22 with calmline's rendered dialplan, and `calmline serve` beside it."""
+    import os
+
+    import asterisk_lab
+
+    if not asterisk_lab.available():
+        message = (
+            f"no Asterisk at {asterisk_lab.BINARY}: build it with "
+            f"`bash ../shared/asterisk/build-asterisk.sh` (about 3 minutes), then run the tests again"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    lab = asterisk_lab.Lab(tmp_path_factory.mktemp("lab"))
+    lab.start()
+    try:
+        yield lab
+    finally:
+        lab.stop()

@@ -55,6 +55,9 @@ COMMANDS = sorted(
 )
 
 
+MAX_ARGS = 128  # res_agi.c
+
+
 def parse_args(line: str) -> list[str]:
     """Asterisk's own argument parser (res_agi.c parse_args), ported as it is."""
     argv: list[str] = []
@@ -75,6 +78,8 @@ def parse_args(line: str) -> list[str]:
             escaped = True
             continue
         if whitespace:
+            if len(argv) >= MAX_ARGS - 1:
+                continue  # "Too many arguments, truncating": the character is dropped
             argv.append("")
             whitespace = False
         argv[-1] += ch
@@ -92,6 +97,7 @@ class FakeChannel:
     prompts: dict[str, int] = field(default_factory=dict)
     hangup_before: int | None = None
     hangup_during_prompt: int | None = None
+    hangup_endpos: int | None = None  # where the prompt stood when the caller hung up
     digits: list[str] = field(default_factory=list)
     hung_up: bool = False
     notice_sent: bool = False
@@ -125,10 +131,11 @@ class FakeChannel:
         command = next((c for c in COMMANDS if upper[: len(c.split())] == c.split()), None)
         if command is None:
             return out + ["510 Invalid or unknown command\n"]
-        if len(argv) < MIN_ARGS.get(command, 1):
-            return out + USAGE.get(command, ["520 Invalid command syntax.\n"])
+        # res_agi.c agi_handle_command: a dead channel refuses before the handler checks usage.
         if self.hung_up and command not in DEAD_OK:
             return out + ["511 Command Not Permitted on a dead channel or intercept routine\n"]
+        if len(argv) < MIN_ARGS.get(command, 1):
+            return out + USAGE.get(command, ["520 Invalid command syntax.  Proper usage not available.\n"])
         return out + [self._run(command, argv, index)]
 
     def _run(self, command: str, argv: list[str], index: int) -> str:
@@ -150,7 +157,8 @@ class FakeChannel:
                 return "200 result=-1 endpos=0\n"
             if self.hangup_during_prompt is not None and index >= self.hangup_during_prompt:
                 self.hung_up = True
-                return f"200 result=-1 endpos={self.prompts[name] // 2}\n"
+                endpos = self.hangup_endpos if self.hangup_endpos is not None else self.prompts[name] // 2
+                return f"200 result=-1 endpos={endpos}\n"
             return f"200 result=0 endpos={self.prompts[name]}\n"
         if command == "HANGUP":
             self.hung_up = True

@@ -89,6 +89,42 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_dialplan(args: argparse.Namespace) -> int:
+    from calmline import dialplan
+
+    cfg, source = _load(args)
+    files = dialplan.render(cfg, source)
+    if args.output_dir is None:
+        for name, text in files.items():
+            print(f";;; ---- {name} ----")
+            print(text, end="")
+        return EXIT_OK
+    for path in dialplan.write(files, args.output_dir):
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+def cmd_prompts(args: argparse.Namespace) -> int:
+    from calmline import prompts
+
+    cfg, _source = _load(args)
+    languages = args.language or list(cfg.prompts.languages)
+    if args.prompts_command == "list":
+        for language, names in prompts.shipped_prompts().items():
+            for name in names:
+                print(f"{language}\t{name}")
+        return EXIT_OK
+    dest = args.dest or cfg.prompts.sounds_dir
+    result = prompts.install(dest, languages, force=args.force)
+    for path in result.copied:
+        print(f"installed {path}")
+    for path in result.skipped:
+        print(f"kept your own recording {path} (use --force to replace it)")
+    print(f"{len(result.copied)} installed, {len(result.kept)} already up to date, "
+          f"{len(result.skipped)} of your own kept")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="calmline", description="Keypad codes for agents facing abusive callers, over FastAGI."
@@ -113,6 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--ami-user", default=None)
     check.add_argument("--ami-secret", default=None, help="or set CALMLINE_AMI_SECRET")
     check.set_defaults(func=cmd_check)
+
+    dp = sub.add_parser("dialplan", help="render the features.conf and extensions.conf snippets")
+    dp.add_argument("--output-dir", type=Path, default=None,
+                    help="write calmline-features.conf and calmline-extensions.conf here (default: print)")
+    dp.set_defaults(func=cmd_dialplan)
+
+    pr = sub.add_parser("prompts", help="install the shipped prompts where Asterisk looks for sounds")
+    pr_sub = pr.add_subparsers(dest="prompts_command", required=True)
+    pr_install = pr_sub.add_parser("install", help="copy prompts to DEST/<lang>/calmline/")
+    pr_install.add_argument("--dest", type=Path, default=None, help="sounds directory (default: prompts.sounds_dir)")
+    pr_install.add_argument("--language", action="append", help="language (repeatable; default: prompts.languages)")
+    pr_install.add_argument("--force", action="store_true", help="replace recordings that differ from ours")
+    pr_list = pr_sub.add_parser("list", help="list the shipped prompts")
+    for p in (pr_install, pr_list):
+        p.set_defaults(func=cmd_prompts, language=None, dest=None, force=False)
+    pr_install.set_defaults(func=cmd_prompts)
 
     audit = sub.add_parser("audit", help="print audit events as JSON lines")
     audit.add_argument("--linkedid", help="only this call")

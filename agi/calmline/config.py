@@ -250,7 +250,7 @@ class DialplanConfig(Section):
     agent_context: Context = "calmline-agent"
     moh_class: str | None = "default"
     admin_context: Context = "calmline-admin"
-    admin_extension: str = "*7800"
+    admin_extension: str = "*78"
     example_context: Context = "calmline-example-inbound"
     example_queue: Context = "support"
     existing_features_conf: Path | None = None
@@ -262,6 +262,18 @@ class PromptsConfig(Section):
     languages: list[Annotated[str, AfterValidator(_context)]] = Field(
         default_factory=lambda: ["en"], min_length=1
     )
+
+
+class Feature(BaseModel):
+    """One keypad code: its features.conf name, DTMF, who runs it, and the service path."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    code: str
+    activate_on: Literal["peer", "self"]
+    path: str
+    key: str
 
 
 class Config(Section):
@@ -278,7 +290,39 @@ class Config(Section):
     def _check_after_last(self) -> Config:
         if self.warn.after_last == "end" and not self.end.enabled:
             raise ValueError("warn.after_last = \"end\" needs [end] enabled = true")
+        features = self.features()
+        for a in features:
+            for b in features:
+                if a is not b and b.code.startswith(a.code):
+                    same = "is the same as" if a.code == b.code else "is a prefix of"
+                    raise ValueError(
+                        f"{a.key} = {a.code!r} {same} {b.key} = {b.code!r}: Asterisk would fire "
+                        f"the wrong feature or wait for more digits; give each action a code that "
+                        f"does not start another (e.g. *1, *3, *9)"
+                    )
         return self
+
+    def features(self) -> list[Feature]:
+        """The keypad codes of the enabled actions: the one table the dialplan, the service
+        and `calmline check` all read."""
+        out: list[Feature] = []
+        if self.warn.enabled:
+            out.append(Feature(name="calmline_warn", code=self.warn.code, activate_on="peer",
+                               path="warn", key="warn.code"))
+        if self.transfer.enabled:
+            t = self.transfer
+            out.append(Feature(name="calmline_supervisor", code=t.supervisor.code, activate_on="peer",
+                               path="transfer/supervisor", key="transfer.supervisor.code"))
+            out.append(Feature(name="calmline_colleague", code=t.colleague.code, activate_on="peer",
+                               path="transfer/colleague", key="transfer.colleague.code"))
+            if t.colleague_keyed.enabled:
+                out.append(Feature(name="calmline_colleague_keyed", code=t.colleague_keyed.code,
+                                   activate_on="self", path="transfer/colleague-keyed",
+                                   key="transfer.colleague_keyed.code"))
+        if self.end.enabled:
+            out.append(Feature(name="calmline_end", code=self.end.code, activate_on="peer",
+                               path="end", key="end.code"))
+        return out
 
     def prompt_names(self) -> list[str]:
         """Every prompt the enabled actions can play, in a stable order."""
@@ -305,7 +349,7 @@ def _location(loc: tuple) -> str:
             continue
         else:
             out += ("." if out else "") + str(part)
-    return out or "(top level)"
+    return out
 
 
 def _problems(source: str, exc: ValidationError) -> list[str]:
@@ -319,7 +363,7 @@ def _problems(source: str, exc: ValidationError) -> list[str]:
             message = "required key is missing"
         shown = error.get("input")
         value = "" if error["type"] in {"missing", "extra_forbidden"} or isinstance(shown, dict) else f" (got {shown!r})"
-        lines.append(f"{source}: {key}: {message}{value}")
+        lines.append(f"{source}: {key + ': ' if key else ''}{message}{value}")
     return lines
 
 

@@ -1,0 +1,619 @@
+#!/usr/bin/env python3
+"""FastAGI throughput and latency: calmline vs panoramisk vs a bare asyncio server.
+
+This script plays Asterisk's side of FastAGI over loopback. Each server runs the same
+warn session (the same 4 commands, the same answers) in its own process. One asyncio
+client process drives N sessions at a fixed concurrency and answers each command at once.
+
+    python bench/fastagi_bench.py [--sessions N] [--concurrency 1,50] [--quick]
+                                  [--uvloop] [--json PATH] [--profile]
+
+Servers:
+  calmline      the real service (`calmline.service.build`), with the production audit
+                trail: SQLite WAL, synchronous="full", a temp database file, JSON lines
+                echoed to os.devnull.
+  panoramisk    `panoramisk.fast_agi.Application` with a 'warn' route that sends the same
+                4 commands through `request.send_command`.
+  bare-asyncio  `asyncio.start_server` handler: read the env to the blank line, send
+                4 commands, read one answer line each, close. The ceiling for Python.
+
+Reported per server and concurrency: sessions/s (sessions / wall time), time to the
+first command (client finished writing the environment -> first command line received)
+p50/p99, whole-session p50, server and client CPU per session, and the error count (a
+session is an error unless it got exactly the 4 expected commands in order and then
+the server closed). Nothing here fails on speed; the ratio lines say met or missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# --------------------------------------------------------------------------- the session
+
+EXPECTED = (
+    b'GET FULL VARIABLE "${CHANNEL(linkedid)}]|[${BRIDGEPEER}]|[${CALMLINE_WARNINGS}"',
+    b'STREAM FILE "calmline/warn-1" ""',
+    b'SET VARIABLE CALMLINE_WARNINGS "1"',
+    b'SET VARIABLE CALMLINE_STATUS "ok"',
+)
+ANSWERS = (
+    b"200 result=1 (1795350788.44]|[Local/warnscn@sim-agent-00000017;1]|[)\n",
+    b"200 result=0 endpos=24000\n",
+    b"200 result=1\n",
+    b"200 result=1\n",
+)
+COMMANDS = tuple(c.decode() for c in EXPECTED)
+SERVERS = ("calmline", "panoramisk", "bare-asyncio")
+SESSION_TIMEOUT = 15.0
+
+
+def environment_template() -> str:
+    """Asterisk 22's environment block (tests/fake_asterisk.py), uniqueid as a %d slot."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from fake_asterisk import environment
+    finally:
+        sys.path.pop(0)
+    block = "".join(environment("warn", uniqueid="@@UNIQUEID@@"))
+    return block.replace("%", "%%").replace("@@UNIQUEID@@", "1795350788.%d")
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def _new_loop_factory(use_uvloop: bool):
+    if use_uvloop:
+        import uvloop
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+async def _bare_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while (await reader.readline()) not in (b"\n", b""):
+            pass
+        for command in COMMANDS:
+            writer.write(command.encode() + b"\n")
+            if not await reader.readline():
+                break
+    finally:
+        writer.close()
+
+
+async def _start(kind: str, tmpdir: str, state: dict) -> tuple[str, int]:
+    if kind == "calmline":
+        from calmline import service as service_module
+        from calmline.config import Config
+
+        config = Config.model_validate({
+            "server": {"host": "127.0.0.1", "port": 0},
+            "audit": {
+                "database": os.path.join(tmpdir, "audit.sqlite3"),
+                "stdout": True,
+                "synchronous": "full",
+            },
+            "mail": {"outbox": os.path.join(tmpdir, "outbox.sqlite3")},
+        })
+        state["devnull"] = open(os.devnull, "w", encoding="utf-8")
+        svc = service_module.build(config, stdout=state["devnull"])
+        state["service"] = svc
+        return await svc.start()
+    if kind == "panoramisk":
+        from panoramisk.fast_agi import Application
+
+        async def warn(request):
+            for command in COMMANDS:
+                await request.send_command(command)
+
+        app = Application()
+        app.add_route("warn", warn)
+        server = await asyncio.start_server(app.handler, "127.0.0.1", 0, backlog=1024)
+    elif kind == "bare-asyncio":
+        server = await asyncio.start_server(_bare_handler, "127.0.0.1", 0, backlog=1024)
+    else:
+        raise ValueError(kind)
+    state["server"] = server
+    return server.sockets[0].getsockname()[:2]
+
+
+def _db_counts(path: str) -> dict:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        total = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+        steps = conn.execute("SELECT count(*) FROM events WHERE event = 'step'").fetchone()[0]
+    finally:
+        conn.close()
+    return {"events": total, "steps": steps}
+
+
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds per thread of this process (Linux /proc; 10 ms ticks): loop, audit writer."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    main_id = threading.main_thread().native_id
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = names.get(int(tid), "other")
+        if int(tid) == main_id:
+            name = "loop"
+        elif name not in ("calmline-audit",):
+            name = "other"
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _snapshot(kind: str, state: dict) -> dict:
+    """CPU so far and, for calmline, the audit figures once everything queued is committed."""
+    snap = {"cpu": time.process_time(), "threads": _thread_cpu()}
+    if kind == "calmline":
+        svc = state["service"]
+        svc.store.flush(30.0)
+        snap.update(_db_counts(str(svc.config.audit.database)))
+        snap["commits"] = svc.store.commits
+    return snap
+
+
+async def _serve(kind: str, conn, use_uvloop: bool) -> None:
+    import cProfile
+    import io
+    import pstats
+
+    tmpdir = tempfile.mkdtemp(prefix=f"fastagi-bench-{kind}-")
+    state: dict = {}
+    loop = asyncio.get_running_loop()
+    profiler: cProfile.Profile | None = None
+    try:
+        host, port = await _start(kind, tmpdir, state)
+        conn.send({"port": port, "loop": type(loop).__module__ + "." + type(loop).__name__,
+                   "tmpdir": tmpdir})
+        while True:
+            message = await loop.run_in_executor(None, conn.recv)
+            op = message[0]
+            if op == "snapshot":
+                conn.send(await asyncio.to_thread(_snapshot, kind, state))
+            elif op == "profile_start":
+                profiler = cProfile.Profile()
+                profiler.enable()
+                conn.send(True)
+            elif op == "profile_stop":
+                assert profiler is not None
+                profiler.disable()
+                out = io.StringIO()
+                stats = pstats.Stats(profiler, stream=out)
+                stats.sort_stats("tottime").print_stats(message[1])
+                stats.sort_stats("cumulative").print_stats(message[1])
+                profiler = None
+                conn.send(out.getvalue())
+            elif op == "stop":
+                final: dict = {}
+                if kind == "calmline":
+                    svc = state["service"]
+                    await svc.stop(grace=5.0)
+                    state["devnull"].close()
+                    final = _db_counts(str(svc.config.audit.database))
+                    final["commits"] = svc.store.commits
+                else:
+                    state["server"].close()
+                conn.send(final)
+                return
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def server_process(kind: str, conn, use_uvloop: bool) -> None:
+    with asyncio.Runner(loop_factory=_new_loop_factory(use_uvloop)) as runner:
+        runner.run(_serve(kind, conn, use_uvloop))
+
+
+class ServerHandle:
+    def __init__(self, kind: str, use_uvloop: bool):
+        ctx = mp.get_context("spawn")
+        self.kind = kind
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=server_process, args=(kind, child, use_uvloop),
+                                   name=f"bench-{kind}", daemon=True)
+        self.process.start()
+        if not self.conn.poll(60):
+            raise RuntimeError(f"{kind} server did not start")
+        info = self.conn.recv()
+        self.port: int = info["port"]
+        self.warm_sessions = 0
+        self.loop: str = info["loop"]
+
+    def ask(self, *message):
+        self.conn.send(message)
+        return self.conn.recv()
+
+    def stop(self) -> dict:
+        final = self.ask("stop")
+        self.process.join(30)
+        return final
+
+
+# --------------------------------------------------------------------------- client
+
+
+class AGIClient(asyncio.Protocol):
+    """Asterisk's side of one session: send the env, answer each expected command at once."""
+
+    __slots__ = ("env", "done", "transport", "buf", "index", "t_env", "t_first", "error")
+
+    def __init__(self, env: bytes, done: asyncio.Future):
+        self.env = env
+        self.done = done
+        self.buf = b""
+        self.index = 0
+        self.t_env = self.t_first = 0.0
+        self.error: str | None = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(self.env)
+        self.t_env = time.perf_counter()
+
+    def data_received(self, data: bytes):
+        buf = self.buf + data
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                break
+            line, buf = buf[:nl], buf[nl + 1:]
+            i = self.index
+            if i == 0:
+                self.t_first = time.perf_counter()
+            if i >= len(EXPECTED) or line != EXPECTED[i]:
+                self.error = f"command {i + 1}: got {line[:80]!r}"
+                self.transport.close()
+                return
+            self.transport.write(ANSWERS[i])
+            self.index = i + 1
+        self.buf = buf
+
+    def eof_received(self):
+        return False  # close our side too
+
+    def connection_lost(self, exc):
+        if not self.done.done():
+            self.done.set_result(exc)
+
+
+@dataclass
+class RunResult:
+    server: str
+    concurrency: int
+    sessions: int
+    wall_s: float
+    sessions_per_s: float
+    first_cmd_p50_ms: float
+    first_cmd_p99_ms: float
+    session_p50_ms: float
+    session_p99_ms: float
+    errors: int
+    server_cpu_us_per_session: float
+    client_cpu_pct: float
+    server_cpu_pct: float
+    server_threads_us_per_session: dict[str, float] = field(default_factory=dict)
+    audit_events: int | None = None
+    audit_steps: int | None = None
+    audit_commits: int | None = None
+    error_samples: list[str] = field(default_factory=list)
+
+
+def _pct(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+async def drive(port: int, sessions: int, concurrency: int, template: str) -> dict:
+    """Run `sessions` sessions, `concurrency` at a time; return raw timings and errors."""
+    loop = asyncio.get_running_loop()
+    first: list[float] = []
+    whole: list[float] = []
+    errors: list[str] = []
+    counter = iter(range(sessions))
+
+    async def one(n: int) -> None:
+        done = loop.create_future()
+        env = (template % n).encode()
+        t0 = time.perf_counter()
+        try:
+            transport, proto = await loop.create_connection(
+                lambda: AGIClient(env, done), "127.0.0.1", port)
+        except OSError as exc:
+            errors.append(f"connect: {exc}")
+            return
+        try:
+            async with asyncio.timeout(SESSION_TIMEOUT):
+                exc = await done
+        except TimeoutError:
+            transport.abort()
+            errors.append(f"timeout after {proto.index} commands")
+            return
+        t1 = time.perf_counter()
+        if proto.error:
+            errors.append(proto.error)
+        elif exc is not None:
+            errors.append(f"connection lost after {proto.index} commands: {exc}")
+        elif proto.index != len(EXPECTED) or proto.buf:
+            errors.append(f"server closed after {proto.index} commands (trailing {proto.buf[:40]!r})")
+        else:
+            first.append(proto.t_first - proto.t_env)
+            whole.append(t1 - t0)
+
+    async def worker() -> None:
+        for n in counter:
+            await one(n)
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    return {"first": first, "whole": whole, "errors": errors, "wall": wall, "cpu": cpu}
+
+
+def measure(handle: ServerHandle, client: asyncio.Runner, sessions: int, concurrency: int,
+            template: str) -> RunResult:
+    before = handle.ask("snapshot")
+    raw = client.run(drive(handle.port, sessions, concurrency, template))
+    after = handle.ask("snapshot")
+    first = sorted(raw["first"])
+    whole = sorted(raw["whole"])
+    server_cpu = after["cpu"] - before["cpu"]
+    result = RunResult(
+        server=handle.kind,
+        concurrency=concurrency,
+        sessions=sessions,
+        wall_s=raw["wall"],
+        sessions_per_s=sessions / raw["wall"],
+        first_cmd_p50_ms=_pct(first, 0.50) * 1e3,
+        first_cmd_p99_ms=_pct(first, 0.99) * 1e3,
+        session_p50_ms=_pct(whole, 0.50) * 1e3,
+        session_p99_ms=_pct(whole, 0.99) * 1e3,
+        errors=len(raw["errors"]),
+        server_cpu_us_per_session=server_cpu / sessions * 1e6,
+        client_cpu_pct=raw["cpu"] / raw["wall"] * 100,
+        server_cpu_pct=server_cpu / raw["wall"] * 100,
+        error_samples=raw["errors"][:5],
+        server_threads_us_per_session={
+            name: round((cpu - before["threads"].get(name, 0.0)) / sessions * 1e6)
+            for name, cpu in after["threads"].items()
+        },
+    )
+    if "commits" in after:
+        result.audit_events = after["events"] - before["events"]
+        result.audit_steps = after["steps"] - before["steps"]
+        result.audit_commits = after["commits"] - before["commits"]
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def print_table(results: list[RunResult]) -> None:
+    header = (f"{'server':<13}{'conc':>5}{'sessions':>9}{'sessions/s':>12}"
+              f"{'first-cmd p50 ms':>18}{'p99 ms':>8}{'session p50 ms':>16}{'p99 ms':>8}"
+              f"{'srv CPU us/sess':>17}{'srv CPU%':>9}{'cli CPU%':>9}{'errors':>8}")
+    print(header)
+    print("-" * len(header))
+    last = None
+    for r in sorted(results, key=lambda r: (r.concurrency, SERVERS.index(r.server))):
+        if last is not None and r.concurrency != last:
+            print()
+        last = r.concurrency
+        print(f"{r.server:<13}{r.concurrency:>5}{r.sessions:>9}{r.sessions_per_s:>12.0f}"
+              f"{r.first_cmd_p50_ms:>18.3f}{r.first_cmd_p99_ms:>8.3f}"
+              f"{r.session_p50_ms:>16.3f}{r.session_p99_ms:>8.3f}"
+              f"{r.server_cpu_us_per_session:>17.0f}{r.server_cpu_pct:>9.0f}"
+              f"{r.client_cpu_pct:>9.0f}{r.errors:>8}")
+        for sample in r.error_samples:
+            print(f"    error: {sample}")
+
+
+def print_threads(results: list[RunResult]) -> None:
+    print("\nserver CPU by thread, us/session (/proc, 10 ms ticks; loop = event-loop thread):")
+    for r in sorted(results, key=lambda r: (SERVERS.index(r.server), r.concurrency)):
+        parts = ", ".join(f"{name} {us}" for name, us in sorted(r.server_threads_us_per_session.items()))
+        print(f"  {r.server:<13} conc {r.concurrency:>3}: {parts}")
+
+
+def print_audit(results: list[RunResult], finals: dict) -> None:
+    print("\naudit trail per measured run (events written / step events / SQLite commits):")
+    for r in sorted(results, key=lambda r: (SERVERS.index(r.server), r.concurrency)):
+        if r.audit_commits is None:
+            print(f"  {r.server:<13} conc {r.concurrency:>3}: no audit trail (0 events, 0 commits)")
+            continue
+        per = r.audit_events / r.audit_commits if r.audit_commits else float("nan")
+        ok = "ok" if r.audit_steps == r.sessions - r.errors else "MISMATCH"
+        print(f"  {r.server:<13} conc {r.concurrency:>3}: {r.audit_events} events, "
+              f"{r.audit_steps} step events for {r.sessions} sessions ({ok}), "
+              f"{r.audit_commits} commits ({per:.1f} events/commit, "
+              f"{r.sessions / r.audit_commits if r.audit_commits else float('nan'):.2f} sessions/commit)")
+    calm = finals.get("calmline")
+    if calm:
+        ok = "ok" if calm["steps"] == calm["expected_steps"] else "MISMATCH"
+        print(f"  calmline database after stop: {calm['events']} events, {calm['steps']} step "
+              f"events, expected {calm['expected_steps']} (one per completed session, warm-up "
+              f"included): {ok}; {calm['commits']} commits in all")
+
+
+def ratios(results: list[RunResult]) -> list[dict]:
+    by = {(r.server, r.concurrency): r for r in results}
+    out = []
+    a, b = by.get(("calmline", 50)), by.get(("panoramisk", 50))
+    if a and b:
+        value = a.sessions_per_s / b.sessions_per_s
+        out.append({"name": "calmline/panoramisk sessions/s @50", "value": value,
+                    "target": ">= 1.0", "met": value >= 1.0})
+    a, b = by.get(("calmline", 1)), by.get(("bare-asyncio", 1))
+    if a and b:
+        value = a.first_cmd_p50_ms / b.first_cmd_p50_ms
+        out.append({"name": "calmline/bare first-cmd p50 @1", "value": value,
+                    "target": "<= 1.3", "met": value <= 1.3})
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", type=int, default=None,
+                        help="sessions per measured run (default: 1000 at concurrency 1, "
+                             "3000 at higher concurrency; a tenth with --quick)")
+    parser.add_argument("--concurrency", default="1,50",
+                        help="comma-separated concurrency levels (default 1,50)")
+    parser.add_argument("--quick", action="store_true", help="a tenth of the sessions")
+    parser.add_argument("--uvloop", action="store_true",
+                        help="run the servers (and the client) on uvloop")
+    parser.add_argument("--servers", default=",".join(SERVERS),
+                        help=f"comma-separated subset of {','.join(SERVERS)}")
+    parser.add_argument("--json", type=Path, help="write the results to this file")
+    parser.add_argument("--profile", action="store_true",
+                        help="after measuring, one extra cProfile'd calmline run per "
+                             "concurrency (loop thread only); prints the top functions")
+    parser.add_argument("--profile-top", type=int, default=25)
+    args = parser.parse_args(argv)
+
+    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    servers = [s for s in args.servers.split(",") if s]
+    for s in servers:
+        if s not in SERVERS:
+            parser.error(f"unknown server {s!r}")
+    scale = 10 if args.quick else 1
+
+    def count(conc: int) -> int:
+        if args.sessions:
+            return max(1, args.sessions // scale)
+        return (1000 if conc == 1 else 3000) // scale
+
+    if args.uvloop:
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            parser.error("--uvloop: uvloop is not installed")
+
+    import calmline
+    import panoramisk  # noqa: F401
+
+    template = environment_template()
+    started = time.time()
+    handles = {kind: ServerHandle(kind, args.uvloop) for kind in servers}
+    results: list[RunResult] = []
+    finals: dict = {}
+    warmup = {}
+    profiles: dict[int, str] = {}
+    with asyncio.Runner(loop_factory=_new_loop_factory(args.uvloop)) as client:
+        client_loop = client.get_loop()
+        # Warm-up: imports, code paths, SQLite pages, the socket layer; not reported.
+        for kind, handle in handles.items():
+            warm = measure(handle, client, max(50, 600 // scale), min(50, max(levels)), template)
+            warm1 = measure(handle, client, max(20, 100 // scale), 1, template)
+            warmup[kind] = warm.errors + warm1.errors
+            handle.warm_sessions = warm.sessions + warm1.sessions - warm.errors - warm1.errors
+        # Measured runs: interleave servers at each level so drift hits all of them alike.
+        for conc in levels:
+            for kind, handle in handles.items():
+                r = measure(handle, client, count(conc), conc, template)
+                results.append(r)
+                print(f"  measured {kind:<13} conc {conc:>3}: {r.sessions_per_s:8.0f} sessions/s, "
+                      f"first-cmd p50 {r.first_cmd_p50_ms:.3f} ms, errors {r.errors}",
+                      file=sys.stderr, flush=True)
+        if args.profile and "calmline" in handles:
+            handle = handles["calmline"]
+            for conc in levels:
+                handle.ask("profile_start")
+                r = measure(handle, client, count(conc), conc, template)
+                profiles[conc] = handle.ask("profile_stop", args.profile_top)
+                handle.warm_sessions += r.sessions - r.errors
+        for kind, handle in handles.items():
+            final = handle.stop()
+            if kind == "calmline":
+                completed = handle.warm_sessions + sum(
+                    r.sessions - r.errors for r in results if r.server == kind)
+                final["expected_steps"] = completed
+                finals[kind] = final
+    elapsed = time.time() - started
+
+    loop_name = f"{type(client_loop).__module__}.{type(client_loop).__name__}"
+    server_loops = {kind: h.loop for kind, h in handles.items()}
+    print()
+    print(f"FastAGI warn session x 4 commands, loopback, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    print(f"python {platform.python_version()} ({platform.python_implementation()}), "
+          f"{platform.system()} {platform.release()}, CPUs: {os.cpu_count()}")
+    print(f"event loop: {'uvloop' if args.uvloop else 'asyncio default'} "
+          f"(servers: {', '.join(f'{k}={v}' for k, v in server_loops.items())}; client: {loop_name})")
+    print(f"calmline {getattr(calmline, '__version__', '?')}, audit: SQLite WAL, synchronous=full, "
+          f"temp database file, JSON lines to os.devnull; "
+          f"panoramisk {_version('panoramisk')}")
+    print("each server in its own process; one client process; answers sent at once")
+    print(f"warm-up errors: {warmup}; total time {elapsed:.0f} s\n")
+    print_table(results)
+    print_threads(results)
+    print_audit(results, finals)
+    print()
+    rs = ratios(results)
+    for ratio in rs:
+        print(f"ratio: {ratio['name']} = {ratio['value']:.2f}x (target {ratio['target']}): "
+              f"{'target met' if ratio['met'] else 'target missed'}")
+    for conc, text in profiles.items():
+        print(f"\n==== cProfile of the calmline server process, loop thread, concurrency {conc} ====")
+        print(text)
+
+    if args.json:
+        payload = {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "loop": "uvloop" if args.uvloop else "asyncio",
+            "server_loops": server_loops,
+            "audit": {"journal_mode": "wal", "synchronous": "full", "stdout": "os.devnull"},
+            "warmup_errors": warmup,
+            "results": [asdict(r) for r in results],
+            "calmline_final": finals.get("calmline"),
+            "ratios": rs,
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def _version(dist: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:
+        return "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

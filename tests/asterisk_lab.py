@@ -1,0 +1,269 @@
+"""A real Asterisk 22 on loopback, wired with the files `calmline dialplan` renders.
+
+The lab call flow (from ../shared/asterisk/lab-extensions.conf): Local channels play the
+caller and the agent; the agent's side answers and presses keys with SendDTMF; a queue
+`support` whose member is such an agent. Calls are originated and watched over AMI with
+pyst2's `asterisk.manager`; calmline runs as its own process, started by its own CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from asterisk.manager import Manager
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "asterisk"
+PREFIX = Path(os.environ.get("ASTERISK_PREFIX", "/opt/asterisk-22"))
+BINARY = PREFIX / "sbin" / "asterisk"
+SOUNDS = PREFIX / "var" / "lib" / "asterisk" / "sounds"
+REPO = Path(__file__).resolve().parents[1]
+AMI_PORT = 15038
+
+LAB_EXTENSIONS = r"""
+[general]
+static=yes
+writeprotect=no
+
+#include calmline-extensions.conf
+
+[support]
+exten => 100,1,NoOp(inbound call for scenario ${SCEN})
+ same => n,Set(CALLERID(num)=+15551234567)
+ same => n,Set(CALLERID(name)=${IF($["${CALLER_NAME}" = ""]?Angry "Bob" Smith:${CALLER_NAME})})
+ same => n,Dial(Local/${SCEN}@sim-agent/n,30,b(calmline-agent^s^1))
+ same => n,UserEvent(CalmlineLab,Where: after-dial,Scen: ${SCEN},DialStatus: ${DIALSTATUS},Warnings: ${CALMLINE_WARNINGS},Status: ${CALMLINE_STATUS})
+ same => n,Hangup()
+
+exten => 200,1,NoOp(queue call for scenario ${SCEN})
+ same => n,Set(CALLERID(num)=+15551234567)
+ same => n,Set(CALLERID(name)=Angry "Bob" Smith)
+ same => n,Queue(support,b(calmline-agent^s^1),,,60)
+ same => n,UserEvent(CalmlineLab,Where: after-queue,Scen: ${SCEN},QueueStatus: ${QUEUESTATUS},Warnings: ${CALMLINE_WARNINGS},Status: ${CALMLINE_STATUS})
+ same => n,Hangup()
+
+[sim-caller]
+exten => caller,1,Answer()
+ same => n,Wait(${CALLER_HOLD})
+ same => n,Hangup()
+
+[sim-agent]
+exten => _X.,1,Hangup()
+exten => _[a-z].,1,Answer()
+ same => n,Wait(1)
+ same => n,SendDTMF(${KEYS},250)
+ same => n,Wait(${AGENT_HOLD})
+ same => n,Hangup()
+
+[sim-targets]
+exten => answers,1,Answer()
+ same => n,UserEvent(CalmlineLab,Where: target-answered,Target: ${EXTEN},CallerName: ${CALLERID(name)},Reason: ${CALMLINE_XFER_REASON})
+ same => n,Wait(2)
+ same => n,Hangup()
+exten => _X.,1,Answer()
+ same => n,UserEvent(CalmlineLab,Where: target-answered,Target: ${EXTEN},CallerName: ${CALLERID(name)})
+ same => n,Wait(2)
+ same => n,Hangup()
+exten => noanswer,1,Wait(30)
+"""
+
+LAB_FEATURES = """
+[general]
+featuredigittimeout = 1000
+
+#include calmline-features.conf
+"""
+
+
+def available() -> bool:
+    return BINARY.exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AMI:
+    """pyst2's AMI client with every event kept, so tests can wait for and inspect them."""
+
+    def __init__(self) -> None:
+        self.manager = Manager()
+        self.events: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+
+    def connect(self) -> None:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                self.manager.connect("127.0.0.1", AMI_PORT)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        self.manager.login("test", "test")
+        self.manager.register_event("*", self._on_event)
+
+    def _on_event(self, event, _manager) -> None:
+        with self._lock:
+            self.events.append(dict(event.headers))
+
+    def mark(self) -> int:
+        with self._lock:
+            return len(self.events)
+
+    def since(self, mark: int) -> list[dict[str, str]]:
+        with self._lock:
+            return list(self.events[mark:])
+
+    def wait_for(self, predicate, mark: int, timeout: float = 20.0) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in self.since(mark):
+                if predicate(event):
+                    return event
+            time.sleep(0.05)
+        raise AssertionError(f"no matching AMI event within {timeout}s")
+
+    def wait_idle(self, mark: int, timeout: float = 30.0) -> list[dict[str, str]]:
+        """Wait until every channel created since `mark` has hung up; return the events."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            events = self.since(mark)
+            created = {e.get("Uniqueid") for e in events if e.get("Event") == "Newchannel"}
+            gone = {e.get("Uniqueid") for e in events if e.get("Event") == "Hangup"}
+            if created and created <= gone:
+                time.sleep(0.3)
+                return self.since(mark)
+            time.sleep(0.1)
+        raise AssertionError("the call did not end in time")
+
+    def command(self, text: str) -> str:
+        response = self.manager.command(text)
+        return response.response if isinstance(response.response, str) else "\n".join(response.response)
+
+    def close(self) -> None:
+        try:
+            self.manager.close()
+        except Exception:
+            pass
+
+
+class Lab:
+    """Asterisk + calmline for one test session."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.run_dir = workdir / "asterisk"
+        self.conf_dir = workdir / "conf"
+        self.port = free_port()
+        self.service: subprocess.Popen | None = None
+        self.ami = AMI()
+        self.config_path = workdir / "calmline.toml"
+        self.audit_db = workdir / "audit.sqlite3"
+        self.service_log = workdir / "calmline.log"
+
+    def config_text(self, extra: str = "") -> str:
+        return (
+            f'[server]\nport = {self.port}\n\n'
+            f'[audit]\ndatabase = "{self.audit_db}"\n\n'
+            f'[dialplan]\nservice_url = "agi://127.0.0.1:{self.port}"\nmoh_class = "default"\n\n'
+            f'[prompts]\nsounds_dir = "{SOUNDS}"\n\n'
+            f'[transfer.supervisor]\ncode = "*3"\ndial = "Local/answers@sim-targets"\n'
+            f'prompt = "calmline/transfer-supervisor"\nreason = "abusive caller"\n'
+            f'whisper = "calmline/whisper-supervisor"\n\n'
+            f'[transfer.colleague]\ncode = "*4"\ndial = "Local/noanswer@sim-targets"\nring_seconds = 5\n'
+            f'prompt = "calmline/transfer-colleague"\nreason = "needs another agent"\n'
+            f'fallback = "dial"\nfallback_dial = "Local/2002@sim-targets"\n\n'
+            f'[transfer.colleague_keyed]\ndial_template = "Local/{{ext}}@sim-targets"\n\n'
+            f'[mail]\noutbox = "{self.workdir / "outbox.sqlite3"}"\n'
+            + extra
+        )
+
+    def calmline(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "calmline", "-c", str(self.config_path), *args],
+            capture_output=True, text=True, check=check, cwd=self.workdir,
+        )
+
+    def start(self, extra_config: str = "") -> None:
+        self.config_path.write_text(self.config_text(extra_config))
+        self.conf_dir.mkdir(parents=True, exist_ok=True)
+        self.calmline("dialplan", "--output-dir", str(self.conf_dir))
+        self.calmline("prompts", "install")
+        (self.conf_dir / "extensions.conf").write_text(LAB_EXTENSIONS)
+        (self.conf_dir / "features.conf").write_text(LAB_FEATURES)
+        subprocess.run(["bash", str(SHARED / "run-asterisk.sh"), "start", str(self.run_dir), str(self.conf_dir)],
+                       check=True, capture_output=True, env={**os.environ, "PREFIX": str(PREFIX)})
+        self.ami.connect()
+        self.start_service()
+
+    def start_service(self, extra_config: str | None = None) -> None:
+        if extra_config is not None:
+            self.config_path.write_text(self.config_text(extra_config))
+        self.stop_service()
+        log = self.service_log.open("a")
+        self.service = subprocess.Popen(
+            [sys.executable, "-m", "calmline", "-c", str(self.config_path), "serve"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                if self.service.poll() is not None:
+                    raise RuntimeError(f"calmline serve exited: {self.service_log.read_text()[-2000:]}")
+                time.sleep(0.1)
+        raise RuntimeError("calmline serve did not start listening")
+
+    def stop_service(self) -> None:
+        if self.service is not None and self.service.poll() is None:
+            self.service.terminate()
+            self.service.wait(10)
+        self.service = None
+
+    def originate(self, scen: str, *, exten: str = "100", keys: str = "*1", caller_hold: int = 14,
+                  agent_hold: int = 14, extra: dict[str, str] | None = None) -> int:
+        mark = self.ami.mark()
+        variables = {"SCEN": scen, "CALLER_HOLD": caller_hold, "__KEYS": keys, "__AGENT_HOLD": agent_hold}
+        variables.update(extra or {})
+        response = self.ami.manager.originate(
+            "Local/caller@sim-caller/n", exten, context="support", priority="1",
+            run_async=True, variables=variables,
+        )
+        assert response.get_header("Response") == "Success", response.headers
+        return mark
+
+    def audit_events(self) -> list[dict]:
+        from calmline.audit import read_events
+
+        time.sleep(0.2)
+        return read_events(self.audit_db, limit=100000)
+
+    def cli(self, command: str) -> str:
+        result = subprocess.run(["bash", str(SHARED / "run-asterisk.sh"), "cli", str(self.run_dir), command],
+                                capture_output=True, text=True, env={**os.environ, "PREFIX": str(PREFIX)})
+        return result.stdout
+
+    def stop(self) -> None:
+        self.stop_service()
+        self.ami.close()
+        subprocess.run(["bash", str(SHARED / "run-asterisk.sh"), "stop", str(self.run_dir)],
+                       capture_output=True, env={**os.environ, "PREFIX": str(PREFIX)})
+        time.sleep(0.5)
+
+
+def copy_lab_log(lab: Lab, dest: Path) -> None:
+    log = lab.run_dir / "log" / "full"
+    if log.exists():
+        shutil.copy(log, dest)
