@@ -80,6 +80,18 @@ def _email(value: str) -> str:
     return value
 
 
+_LABEL = re.compile(r"^[A-Za-z0-9 .:'()/_+-]{1,80}$")
+
+
+def _label(value: str) -> str:
+    if not _LABEL.match(value) or value.strip() != value:
+        raise ValueError(
+            "a label is 1-80 letters, digits, spaces and . : ' ( ) / _ + - "
+            "(no commas, semicolons, quotes, $, {} or |: Asterisk would read them as dialplan)"
+        )
+    return value
+
+
 def _one_line(value: str) -> str:
     if _HEADERISH.search(value):
         raise ValueError("must be one line (no line breaks)")
@@ -93,6 +105,7 @@ Variable = Annotated[str, AfterValidator(_variable)]
 DialTarget = Annotated[str, AfterValidator(_dial_target)]
 Email = Annotated[str, AfterValidator(_email)]
 OneLine = Annotated[str, AfterValidator(_one_line)]
+Label = Annotated[str, AfterValidator(_label)]
 
 
 class Section(BaseModel):
@@ -157,7 +170,7 @@ class TransferTarget(Section):
     dial: DialTarget
     ring_seconds: int = Field(20, ge=5, le=300)
     prompt: Prompt
-    reason: OneLine
+    reason: Label
     fallback: Literal["queue", "dial", "hangup"] = "queue"
     fallback_queue: Context = "support"
     fallback_dial: DialTarget | None = None
@@ -210,8 +223,8 @@ class EndConfig(Section):
     enabled: bool = True
     code: DTMFCode = "*9"
     prompt: Prompt = "calmline/end"
-    reason: OneLine = "abusive caller: call ended by agent"
-    cdr_userfield: OneLine = "calmline:ended"
+    reason: Label = "abusive caller: call ended by agent"
+    cdr_userfield: Label = "calmline:ended"
 
 
 class MailConfig(Section):

@@ -12,18 +12,42 @@ import sys
 from dataclasses import dataclass
 from typing import TextIO
 
-from calmline.actions import Registry
+from calmline.actions import Action, Registry
+from calmline.actions.end import End
+from calmline.actions.transfer import KeyedColleagueTransfer, Transfer, TransferResult
 from calmline.actions.warn import Warn
 from calmline.audit import AuditStore, AuditTrail, configure
 from calmline.config import Config
+from calmline.mail import OutboxWorker
+from calmline.outbox import Outbox
 from calmline.server import FastAGIServer
 
+TRANSFER_RESULT_PATH = "transfer/result"
 
-def build_registry(config: Config) -> Registry:
-    """Register each enabled action at its path, explicitly."""
+
+def build_registry(config: Config, outbox: Outbox | None = None, worker: OutboxWorker | None = None) -> Registry:
+    """Register each enabled action at the path `Config.features()` gives it, explicitly."""
+    counter = config.warn.counter_variable
+    end = End(
+        config.end,
+        counter_variable=counter,
+        email_variable=config.mail.caller_email_variable,
+        outbox=outbox,
+        wake=worker.wake if worker else (lambda: None),
+    )
+    t = config.transfer
+    actions: dict[str, Action] = {
+        "calmline_warn": Warn(config.warn, end),
+        "calmline_supervisor": Transfer("supervisor", t.supervisor, t.context, counter),
+        "calmline_colleague": Transfer("colleague", t.colleague, t.context, counter),
+        "calmline_colleague_keyed": KeyedColleagueTransfer(t.colleague_keyed, t.colleague, t.context),
+        "calmline_end": end,
+    }
     registry = Registry()
-    if config.warn.enabled:
-        registry.add("warn", Warn(config.warn))
+    for feature in config.features():
+        registry.add(feature.path, actions[feature.name])
+    if t.enabled:
+        registry.add(TRANSFER_RESULT_PATH, TransferResult())
     return registry
 
 
@@ -33,14 +57,24 @@ class Service:
     store: AuditStore
     audit: AuditTrail
     server: FastAGIServer
+    outbox: Outbox | None = None
+    worker: OutboxWorker | None = None
     address: tuple[str, int] | None = None
+    _worker_task: asyncio.Task | None = None
 
     async def start(self) -> tuple[str, int]:
         self.address = await self.server.start()
+        if self.worker is not None:
+            self._worker_task = asyncio.create_task(self.worker.run(), name="calmline-mail")
         return self.address
 
     async def stop(self, grace: float = 30.0) -> None:
         await self.server.close(grace)
+        if self.worker is not None and self._worker_task is not None:
+            await self.worker.stop()
+            await self._worker_task
+        if self.outbox is not None:
+            self.outbox.close()
         await asyncio.to_thread(self.store.close)
 
 
@@ -54,8 +88,13 @@ def build(config: Config, *, stdout: TextIO | None = sys.stdout) -> Service:
     store.open()
     configure(store)
     audit = AuditTrail(store)
-    server = FastAGIServer(config, build_registry(config), audit)
-    return Service(config, store, audit, server)
+    outbox = worker = None
+    if config.end.enabled:
+        outbox = Outbox(config.mail.outbox)
+        if config.mail.enabled:
+            worker = OutboxWorker(outbox, config.mail)
+    server = FastAGIServer(config, build_registry(config, outbox, worker), audit)
+    return Service(config, store, audit, server, outbox, worker)
 
 
 async def serve(config: Config, source: str) -> None:

@@ -1,0 +1,155 @@
+"""The end action on the fake Asterisk with a real SMTP server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import socket
+import time
+
+import pytest
+from aiosmtpd.controller import Controller
+from conftest import run
+from fake_asterisk import bridged_caller, environment, run_session
+
+from calmline.outbox import Outbox
+
+
+class Inbox:
+    def __init__(self):
+        self.messages = []
+
+    async def handle_DATA(self, server, session, envelope):
+        self.messages.append((envelope.rcpt_tos, email.message_from_bytes(envelope.content)))
+        return "250 OK queued"
+
+
+@pytest.fixture
+def smtp():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    inbox = Inbox()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    inbox.port = port
+    yield inbox
+    controller.stop()
+
+
+async def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+def mail_config(port):
+    return {"port": port, "team_address": "team@example.com", "sender": "calmline@example.com"}
+
+
+def test_end_marks_queues_plays_hangs_up_then_mails(serving, smtp):
+    async def main():
+        async with serving(mail=mail_config(smtp.port)) as svc:
+            channel = bridged_caller()
+            channel.variables.update(CALMLINE_WARNINGS="2", CALMLINE_CALLER_EMAIL="bob@example.org")
+            channel.functions["CALMLINE_CALLER_EMAIL"] = "bob@example.org"
+            channel.functions["CALMLINE_WARNINGS"] = "2"
+            await run_session(svc.port, channel, environment("end"))
+            assert await wait_for(lambda: len(smtp.messages) == 2)
+            return svc, channel
+
+    svc, channel = run(main())
+    commands = channel.commands
+    order = [
+        'SET VARIABLE CDR(userfield) "calmline:ended"',
+        'EXEC CELGenUserEvent "CALMLINE_ENDED,calmline:ended"',
+        'STREAM FILE "calmline/end" ""',
+        "HANGUP",
+    ]
+    assert [commands.index(c) for c in order] == sorted(commands.index(c) for c in order)
+    steps = [e["step"] for e in svc.events(event="step")]
+    assert steps == ["callback_queued", "call_marked", "closing_prompt_played", "caller_hung_up_by_agent"]
+    assert svc.events(event="session_end")[0]["outcome"] == "completed"
+    recipients = sorted(rcpt[0] for rcpt, _ in smtp.messages)
+    assert recipients == ["bob@example.org", "team@example.com"]
+    team = next(m for rcpt, m in smtp.messages if rcpt == ["team@example.com"])
+    assert "+15551234567" in team["Subject"]
+    body = team.get_payload(decode=True).decode()
+    assert "1795350788.44" in body and "Local/warnscn@sim-agent-00000017;1" in body
+    caller = next(m for rcpt, m in smtp.messages if rcpt == ["bob@example.org"])
+    assert caller["Reply-To"] == "team@example.com"
+    assert svc.events(event="mail_sent")
+
+
+def test_hangup_before_the_prompt_ends_still_creates_the_request(serving, smtp):
+    async def main():
+        async with serving(mail=mail_config(smtp.port)) as svc:
+            channel = bridged_caller(hangup_during_prompt=3)
+            await run_session(svc.port, channel, environment("end"))
+            assert await wait_for(lambda: len(smtp.messages) == 1)
+            return svc, channel
+
+    svc, channel = run(main())
+    assert "HANGUP" not in channel.commands
+    assert svc.events(event="session_end")[0]["outcome"] == "caller_hung_up"
+    assert [e["step"] for e in svc.events(event="step")][:1] == ["callback_queued"]
+
+
+def test_a_second_press_on_the_same_call_mails_once(serving, smtp):
+    async def main():
+        async with serving(mail=mail_config(smtp.port)) as svc:
+            for _ in range(2):
+                await run_session(svc.port, bridged_caller(), environment("end"))
+            await wait_for(lambda: len(smtp.messages) >= 1)
+            await asyncio.sleep(0.3)
+            return svc
+
+    svc = run(main())
+    assert len(smtp.messages) == 1
+    queued = svc.events(event="step", step="callback_queued")
+    assert [q["duplicate"] for q in queued] == [False, True]
+
+
+def test_smtp_down_keeps_the_request_pending(serving, tmp_path):
+    async def main():
+        async with serving(mail=mail_config(1)) as svc:
+            await run_session(svc.port, bridged_caller(), environment("end"))
+            await asyncio.sleep(0.3)
+            return svc
+
+    svc = run(main())
+    items = Outbox(tmp_path / "outbox.sqlite3").items()
+    assert [(i.kind, i.status) for i in items] == [("team", "pending")]
+    assert svc.events(event="mail_failed")
+    # the caller's call was still ended
+    assert svc.events(event="step", step="caller_hung_up_by_agent")
+
+
+def test_missing_closing_prompt_still_ends_the_call(serving, smtp):
+    async def main():
+        async with serving(mail=mail_config(smtp.port)) as svc:
+            channel = bridged_caller(prompts={})
+            await run_session(svc.port, channel, environment("end"))
+            return svc, channel
+
+    svc, channel = run(main())
+    assert "HANGUP" in channel.commands
+    assert svc.events(event="session_end")[0]["outcome"] == "prompt_missing"
+
+
+def test_warn_past_the_last_stage_ends_the_call_when_configured(serving, smtp):
+    async def main():
+        async with serving(warn={"after_last": "end"}, mail=mail_config(smtp.port)) as svc:
+            channel = bridged_caller()
+            channel.variables["CALMLINE_WARNINGS"] = "2"
+            channel.functions["CALMLINE_WARNINGS"] = "2"
+            await run_session(svc.port, channel)
+            return svc, channel
+
+    svc, channel = run(main())
+    assert 'STREAM FILE "calmline/end" ""' in channel.commands and "HANGUP" in channel.commands
+    steps = [e["step"] for e in svc.events(event="step")]
+    assert steps[0] == "ladder_exhausted" and steps[-1] == "caller_hung_up_by_agent"
