@@ -125,6 +125,25 @@ def cmd_prompts(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_outbox(args: argparse.Namespace) -> int:
+    from calmline.audit import configure_console
+    from calmline.mail import OutboxWorker, outbox_report
+    from calmline.outbox import Outbox
+
+    cfg, _source = _load(args)
+    if not cfg.mail.outbox.exists():
+        print(f"outbox is empty (no file at {cfg.mail.outbox} yet; mail.outbox)")
+        return EXIT_OK
+    configure_console()
+    with Outbox(cfg.mail.outbox) as outbox:
+        if args.retry_now:
+            count = outbox.retry_now()
+            sent, failed = OutboxWorker(outbox, cfg.mail).deliver_due_now()
+            print(f"retried {count} message(s): {sent} sent, {failed} still failing")
+        print(outbox_report(outbox))
+        return EXIT_FAILED if args.retry_now and failed else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="calmline", description="Keypad codes for agents facing abusive callers, over FastAGI."
@@ -165,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (pr_install, pr_list):
         p.set_defaults(func=cmd_prompts, language=None, dest=None, force=False)
     pr_install.set_defaults(func=cmd_prompts)
+
+    ob = sub.add_parser("outbox", help="list callback mails pending or failed; --retry-now sends them now")
+    ob.add_argument("--retry-now", action="store_true", help="send pending and failed messages now")
+    ob.set_defaults(func=cmd_outbox)
 
     audit = sub.add_parser("audit", help="print audit events as JSON lines")
     audit.add_argument("--linkedid", help="only this call")

@@ -20,7 +20,7 @@ from calmline.actions import ActionContext, CallIdentity, Registry
 from calmline.audit import AuditTrail
 from calmline.channel import Channel
 from calmline.config import Config
-from calmline.errors import CalmlineError, Refused
+from calmline.errors import CalmlineError, ConnectionLost, Refused
 from calmline.protocol import AGIStream
 
 STATUS_VARIABLE = "CALMLINE_STATUS"
@@ -72,6 +72,11 @@ class Session:
         )
         try:
             env = await self._stream.read_environment(self._config.server.environment_timeout)
+        except ConnectionLost:
+            # Nothing was asked (a port probe such as `calmline check`): not a problem.
+            self._audit.event("connection_closed_before_request")
+            await self._stream.close()
+            return "no_request"
         except CalmlineError as exc:
             self._audit.problem("session_rejected", outcome=exc.outcome, error=str(exc))
             await self._stream.close()

@@ -1,0 +1,59 @@
+"""Config: the shipped file, error messages that name the key, and the CLI's exit status."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from calmline.config import Config, load, parse
+from calmline.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_config_equals_the_embedded_defaults():
+    cfg, source = load(REPO / "config" / "calmline.toml")
+    assert cfg == Config()
+    assert source.endswith("calmline.toml")
+
+
+@pytest.mark.parametrize(("toml", "expected"), [
+    ('[server]\nport = 70000', "t.toml: server.port:"),
+    ('[server]\nallow = ["not-an-ip"]', "allow[0] = 'not-an-ip' is not an IP address"),
+    ('[warn]\ncode = "x1"', "t.toml: warn.code: a DTMF code"),
+    ('[warn]\nstages = []', "t.toml: warn.stages:"),
+    ('[warn]\nstages = [{prompt = "../../etc/passwd"}]', "warn.stages[0].prompt"),
+    ('[warn]\nafter_last = "explode"', "warn.after_last"),
+    ('[warn]\nafter_last = "end"\n[end]\nenabled = false', 'warn.after_last = "end" needs [end] enabled = true'),
+    ('[sever]\nport = 1', "t.toml: sever: unknown key"),
+    ('[end]\ncode = "*1"', "warn.code = '*1' is the same as end.code = '*1'"),
+    ('[end]\ncode = "*12"', "is a prefix of end.code"),
+    ('[mail]\nteam_address = "a@b\\nBcc: x@y"', "mail.team_address"),
+    ('[mail]\nsubject = "x\\nBcc: y"', "mail.subject: must be one line"),
+    ("[server\n", "t.toml: not valid TOML"),
+])
+def test_errors_name_the_file_and_the_key(toml, expected):
+    with pytest.raises(ConfigError) as info:
+        parse(toml, "t.toml")
+    assert expected in str(info.value)
+
+
+def test_check_and_serve_exit_2_with_the_key_on_a_broken_config(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text('[server]\nport = "many"\n')
+    for command in (["check", "--no-port"], ["serve"]):
+        result = subprocess.run([sys.executable, "-m", "calmline", "-c", str(path), *command],
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2
+        assert f"{path}: server.port" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_missing_config_file_names_the_fix(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "calmline", "-c", str(tmp_path / "nope.toml"), "check"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "no such config file" in result.stderr
