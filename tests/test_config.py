@@ -57,3 +57,16 @@ def test_missing_config_file_names_the_fix(tmp_path):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "no such config file" in result.stderr
+
+
+@pytest.mark.parametrize(("section", "key"), [("audit", "database"), ("mail", "outbox")])
+def test_unwritable_store_paths_name_the_key(tmp_path, section, key):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    path = tmp_path / "c.toml"
+    path.write_text(f'[server]\nport = 0\n[{section}]\n{key} = "{blocker}/x.sqlite3"\n')
+    result = subprocess.run([sys.executable, "-m", "calmline", "-c", str(path), "serve"],
+                            capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{section}.{key}: cannot open" in result.stderr
+    assert "Traceback" not in result.stderr

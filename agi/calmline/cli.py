@@ -48,15 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             runner = uvloop.run
         except ImportError:
             pass
-    try:
-        runner(serve(cfg, source))
-    except OSError as exc:
-        print(
-            f"calmline: cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror or exc} "
-            f"(set server.host / server.port, or stop what is using the port)",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
+    runner(serve(cfg, source))
     return EXIT_OK
 
 

@@ -104,7 +104,7 @@ def sanitize_line(value: object, limit: int = BODY_VALUE_LIMIT) -> str:
 
 def sanitize_header(value: object, limit: int = HEADER_LIMIT) -> str:
     """A header-safe single line: as `sanitize_line`, and no RFC 2047 encoded word (`=?`)."""
-    text = sanitize_line(value, limit=max(limit * 2, limit))
+    text = sanitize_line(value, limit=limit * 2)
     text = text.replace("=?", "= ?")
     return _truncate(text, limit)
 
@@ -112,10 +112,7 @@ def sanitize_header(value: object, limit: int = HEADER_LIMIT) -> str:
 def sanitize_body(text: str) -> str:
     """A body: newlines (any convention) become \\n, tabs stay, other controls become spaces."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return "".join(
-        ch if ch in "\n\t" else _clean_chars(ch)
-        for ch in text
-    )
+    return "".join(ch if ch in "\n\t" else _clean_chars(ch) for ch in text)
 
 
 # --- templates ------------------------------------------------------------
@@ -199,7 +196,7 @@ def _fill(key: str, template: str, allowed: tuple[str, ...], values: dict[str, o
 
 def message_id(key: str, kind: str, sender: str) -> str:
     """A Message-ID that is the same for every attempt at the same message."""
-    digest = hashlib.sha256(f"{key}\0{kind}".encode("utf-8", "surrogatepass")).hexdigest()[:40]
+    digest = hashlib.sha256(f"{key}\0{kind}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
     domain = re.sub(r"[^A-Za-z0-9.-]", "", sender.rpartition("@")[2]).strip(".") or "calmline.invalid"
     return f"<calmline.{kind}.{digest}@{domain}>"
 
@@ -346,7 +343,7 @@ def send(message: EmailMessage, cfg: MailConfig, *, recipients: list[str] | None
                 raise MailError(
                     f"{where} does not offer STARTTLS and mail.starttls = true; not sending in the clear"
                 )
-            code, raw = smtp.starttls(context=_tls_context())
+            smtp.starttls(context=_tls_context())
             stage = "EHLO after STARTTLS"
             smtp.ehlo()
         if cfg.username:
@@ -366,7 +363,9 @@ def send(message: EmailMessage, cfg: MailConfig, *, recipients: list[str] | None
             if code not in (250, 251):
                 raise _refused(stage, code, raw)
         stage = "DATA"
-        code, raw = smtp.data(payload)
+        code, raw = smtp.data(payload)  # returns (not raises) a refusal after the body
+        if code != 250:
+            raise _refused(stage, code, raw)
         reply = f"{code} {_text(raw)}"
     except MailError:
         smtp.close()
@@ -417,15 +416,16 @@ class OutboxWorker:
         items = self.outbox.due(now, limit=1, claim_for=self.claim_seconds)
         return items[0] if items else None
 
-    def _deliver(self, item: OutboxItem) -> bool:
+    def _deliver(self, item: OutboxItem, now: float | None = None) -> bool:
+        """Send one claimed message and record the outcome (at `now`, default: the clock)."""
         attempt = item.attempts + 1
         try:
             message, recipient = build_message(item, self.cfg)
             reply = send(message, self.cfg, recipients=[recipient])
         except Exception as exc:  # noqa: BLE001 - one bad message must not stop the others
             error = str(exc) if isinstance(exc, (MailError, ConfigError)) else f"{type(exc).__name__}: {exc}"
-            now = self._clock()
-            updated = self.outbox.mark_retry(item, error, now, self.cfg)
+            when = self._clock() if now is None else now
+            updated = self.outbox.mark_retry(item, error, when, self.cfg)
             code = getattr(exc, "code", None)
             if updated.status == "failed":
                 log.error(
@@ -444,11 +444,11 @@ class OutboxWorker:
                     attempt=updated.attempts,
                     error=error,
                     smtp_code=code,
-                    next_attempt_in=round(max(updated.next_attempt - now, 0.0), 3),
+                    next_attempt_in=round(max(updated.next_attempt - when, 0.0), 3),
                 )
             return False
         try:
-            self.outbox.mark_sent(item, reply, now=self._clock())
+            self.outbox.mark_sent(item, reply, now=self._clock() if now is None else now)
         except Exception:
             # The server has it; the row will be sent again after the claim expires. The
             # Message-ID is the same, so the receiving side can drop the duplicate.
@@ -458,11 +458,14 @@ class OutboxWorker:
         return True
 
     def deliver_due_now(self, now: float | None = None) -> tuple[int, int]:
-        """Send everything due at `now` (default: the clock) synchronously; (sent, failed)."""
+        """Send everything due at `now` (default: the clock) synchronously; (sent, failed).
+
+        Each message is tried at most once per call: a failure is rescheduled after `now`.
+        """
         when = self._clock() if now is None else now
         sent = failed = 0
         while (item := self._next(when)) is not None:
-            if self._deliver(item):
+            if self._deliver(item, now):
                 sent += 1
             else:
                 failed += 1

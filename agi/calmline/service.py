@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import sys
 from dataclasses import dataclass
 from typing import TextIO
@@ -18,6 +19,7 @@ from calmline.actions.transfer import KeyedColleagueTransfer, Transfer, Transfer
 from calmline.actions.warn import Warn
 from calmline.audit import AuditStore, AuditTrail, configure
 from calmline.config import Config
+from calmline.errors import ConfigError
 from calmline.mail import OutboxWorker
 from calmline.outbox import Outbox
 from calmline.server import FastAGIServer
@@ -63,7 +65,14 @@ class Service:
     _worker_task: asyncio.Task | None = None
 
     async def start(self) -> tuple[str, int]:
-        self.address = await self.server.start()
+        cfg = self.config.server
+        try:
+            self.address = await self.server.start()
+        except OSError as exc:
+            raise ConfigError([
+                f"server.host/server.port: cannot listen on {cfg.host}:{cfg.port}: "
+                f"{exc.strerror or exc}; choose a free port or stop what is using it"
+            ]) from None
         if self.worker is not None:
             self._worker_task = asyncio.create_task(self.worker.run(), name="calmline-mail")
         return self.address
@@ -85,12 +94,25 @@ def build(config: Config, *, stdout: TextIO | None = sys.stdout) -> Service:
         synchronous=config.audit.synchronous,
         stdout=stdout if config.audit.stdout else None,
     )
-    store.open()
+    try:
+        store.open()
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError([
+            f"audit.database: cannot open {config.audit.database}: {exc}; "
+            f"point it at a file in a directory calmline can write"
+        ]) from None
     configure(store)
     audit = AuditTrail(store)
     outbox = worker = None
     if config.end.enabled:
-        outbox = Outbox(config.mail.outbox)
+        try:
+            outbox = Outbox(config.mail.outbox)
+        except (OSError, sqlite3.Error) as exc:
+            store.close()
+            raise ConfigError([
+                f"mail.outbox: cannot open {config.mail.outbox}: {exc}; "
+                f"point it at a file in a directory calmline can write"
+            ]) from None
         if config.mail.enabled:
             worker = OutboxWorker(outbox, config.mail)
     server = FastAGIServer(config, build_registry(config, outbox, worker), audit)

@@ -71,25 +71,25 @@ class End:
         if self._outbox is None:
             return
         call = context.call
-        request = CallbackRequest(
-            key=call.linkedid or call.uniqueid,
-            created_at=datetime.now(timezone.utc),
-            caller_number=call.caller_number,
-            caller_name=call.caller_name,
-            caller_email=context.values.get(self._email) or None,
-            agent=call.agent_channel,
-            warnings=warnings,
-            reason=self._config.reason,
-            uniqueid=call.uniqueid,
-            linkedid=call.linkedid,
-            channel=call.channel,
-        )
+        fields = {
+            "key": call.linkedid or call.uniqueid,
+            "created_at": datetime.now(timezone.utc),
+            "caller_number": call.caller_number,
+            "caller_name": call.caller_name,
+            "caller_email": context.values.get(self._email) or None,
+            "agent": call.agent_channel,
+            "warnings": warnings,
+            "reason": self._config.reason,
+            "uniqueid": call.uniqueid,
+            "linkedid": call.linkedid,
+            "channel": call.channel,
+        }
         try:
+            request = CallbackRequest(**fields)
             added = await asyncio.to_thread(self._outbox.add, request)
         except Exception as exc:  # the call still ends; the request survives in the audit trail
             await context.audit.step(
-                "callback_not_queued", error=f"{type(exc).__name__}: {exc}",
-                request=request.model_dump(mode="json"),
+                "callback_not_queued", error=f"{type(exc).__name__}: {exc}", request=fields,
             )
             return
         await context.audit.step(
