@@ -8,9 +8,11 @@ pyst2's `asterisk.manager`; calmline runs as its own process, started by its own
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
+import tempfile
 import subprocess
 import sys
 import threading
@@ -25,6 +27,10 @@ BINARY = PREFIX / "sbin" / "asterisk"
 SOUNDS = PREFIX / "var" / "lib" / "asterisk" / "sounds"
 REPO = Path(__file__).resolve().parents[1]
 AMI_PORT = 15038
+# One lab Asterisk per machine: its AMI port is fixed, so a second pytest session would
+# otherwise talk to the first one's Asterisk (and its calmline) without noticing.
+LOCK_PATH = Path(tempfile.gettempdir()) / "calmline-asterisk-lab.lock"
+LOCK_WAIT = float(os.environ.get("CALMLINE_LAB_LOCK_WAIT", "900"))
 
 LAB_EXTENSIONS = r"""
 [general]
@@ -37,14 +43,24 @@ writeprotect=no
 exten => 100,1,NoOp(inbound call for scenario ${SCEN})
  same => n,Set(CALLERID(num)=+15551234567)
  same => n,Set(CALLERID(name)=${IF($["${CALLER_NAME}" = ""]?Angry "Bob" Smith:${CALLER_NAME})})
- same => n,Dial(Local/${SCEN}@sim-agent/n,30,b(calmline-agent^s^1))
+; g: go on after the agent hangs up, so the after-dial event shows the caller's leg survived
+ same => n,Dial(Local/${SCEN}@sim-agent/n,30,gb(calmline-agent^s^1))
  same => n,UserEvent(CalmlineLab,Where: after-dial,Scen: ${SCEN},DialStatus: ${DIALSTATUS},Warnings: ${CALMLINE_WARNINGS},Status: ${CALMLINE_STATUS})
  same => n,Hangup()
 
 exten => 200,1,NoOp(queue call for scenario ${SCEN})
  same => n,Set(CALLERID(num)=+15551234567)
  same => n,Set(CALLERID(name)=Angry "Bob" Smith)
- same => n,Queue(support,b(calmline-agent^s^1),,,60)
+; c: go on after the agent hangs up (Queue's twin of Dial's g)
+ same => n,Queue(support,cb(calmline-agent^s^1),,,60)
+ same => n,UserEvent(CalmlineLab,Where: after-queue,Scen: ${SCEN},QueueStatus: ${QUEUESTATUS},Warnings: ${CALMLINE_WARNINGS},Status: ${CALMLINE_STATUS})
+ same => n,Hangup()
+
+; An admin's mistake, kept on purpose: b() in Queue's THIRD argument (the URL) is ignored,
+; so the agent's leg never gets DYNAMIC_FEATURES and the codes go to the caller as tones.
+exten => 201,1,NoOp(misconfigured queue call for scenario ${SCEN})
+ same => n,Set(CALLERID(num)=+15551234567)
+ same => n,Queue(support,c,b(calmline-agent^s^1),,60)
  same => n,UserEvent(CalmlineLab,Where: after-queue,Scen: ${SCEN},QueueStatus: ${QUEUESTATUS},Warnings: ${CALMLINE_WARNINGS},Status: ${CALMLINE_STATUS})
  same => n,Hangup()
 
@@ -64,14 +80,52 @@ exten => _[a-z].,1,Answer()
 [sim-targets]
 exten => answers,1,Answer()
  same => n,UserEvent(CalmlineLab,Where: target-answered,Target: ${EXTEN},CallerName: ${CALLERID(name)},Reason: ${CALMLINE_XFER_REASON})
- same => n,Wait(2)
+ same => n,Wait(8)
  same => n,Hangup()
 exten => _X.,1,Answer()
  same => n,UserEvent(CalmlineLab,Where: target-answered,Target: ${EXTEN},CallerName: ${CALLERID(name)})
- same => n,Wait(2)
+ same => n,Wait(8)
  same => n,Hangup()
 exten => noanswer,1,Wait(30)
 """
+
+# Asterisk's own records of an ended call, as files the tests read.
+LAB_CDR = """
+[cdr_calmline.csv]
+format = dsv
+fields = UniqueID,LinkedID,Channel,DstChannel,Disposition,UserField
+"""
+LAB_CEL = """
+[cel_calmline.csv]
+format = dsv
+fields = EventType,UserDefType,UniqueID,LinkedID,ChanName,EventExtra
+"""
+
+
+class Inbox:
+    """A real SMTP server on loopback (aiosmtpd) that keeps what it receives."""
+
+    def __init__(self, port: int) -> None:
+        from aiosmtpd.controller import Controller
+
+        self.messages: list[tuple[list[str], bytes]] = []
+        self.port = port
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self._controller.start()
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's hook name
+        self.messages.append((list(envelope.rcpt_tos), envelope.content))
+        return "250 OK queued"
+
+    def wait_for(self, count: int, timeout: float = 15.0) -> list[tuple[list[str], bytes]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and len(self.messages) < count:
+            time.sleep(0.05)
+        return list(self.messages)
+
+    def stop(self) -> None:
+        self._controller.stop()
+
 
 LAB_FEATURES = """
 [general]
@@ -83,6 +137,55 @@ featuredigittimeout = 1000
 
 def available() -> bool:
     return BINARY.exists()
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class LabLock:
+    """An exclusive lock on the machine's one lab Asterisk, waited for (not stolen)."""
+
+    def __init__(self, path: Path = LOCK_PATH, wait: float = LOCK_WAIT):
+        self.path = path
+        self.wait = wait
+        self._file = None
+
+    def acquire(self) -> None:
+        self._file = self.path.open("a+")
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    self._file.close()
+                    self._file = None
+                    raise RuntimeError(
+                        f"another test session holds the lab Asterisk ({self.path}) for over {self.wait:.0f}s"
+                    ) from None
+                time.sleep(0.5)
+        # The previous holder has stopped its Asterisk; a port still open means a stray one.
+        deadline = time.monotonic() + 10
+        while _port_open(AMI_PORT):
+            if time.monotonic() > deadline:
+                self.release()
+                raise RuntimeError(
+                    f"something already listens on the lab's AMI port 127.0.0.1:{AMI_PORT} "
+                    f"(a stray Asterisk?); stop it, the lab would talk to it instead of its own"
+                )
+            time.sleep(0.2)
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
 
 
 def free_port() -> int:
@@ -170,6 +273,9 @@ class Lab:
         self.config_path = workdir / "calmline.toml"
         self.audit_db = workdir / "audit.sqlite3"
         self.service_log = workdir / "calmline.log"
+        self.smtp_port = free_port()
+        self.smtp: Inbox | None = None
+        self.lock = LabLock()
 
     def config_text(self, extra: str = "") -> str:
         return (
@@ -184,7 +290,8 @@ class Lab:
             f'prompt = "calmline/transfer-colleague"\nreason = "needs another agent"\n'
             f'fallback = "dial"\nfallback_dial = "Local/2002@sim-targets"\n\n'
             f'[transfer.colleague_keyed]\ndial_template = "Local/{{ext}}@sim-targets"\n\n'
-            f'[mail]\noutbox = "{self.workdir / "outbox.sqlite3"}"\n'
+            f'[mail]\noutbox = "{self.workdir / "outbox.sqlite3"}"\nport = {self.smtp_port}\n'
+            f'team_address = "team@example.com"\nretry_initial_seconds = 1.0\n'
             + extra
         )
 
@@ -195,12 +302,27 @@ class Lab:
         )
 
     def start(self, extra_config: str = "") -> None:
+        self.lock.acquire()
+        try:
+            self._start(extra_config)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, extra_config: str = "") -> None:
+        for sub in ("cdr-custom", "cel-custom"):  # cdr_custom/cel_custom write only into existing dirs
+            (self.run_dir / "log" / sub).mkdir(parents=True, exist_ok=True)
+        self.smtp = Inbox(self.smtp_port)
         self.config_path.write_text(self.config_text(extra_config))
         self.conf_dir.mkdir(parents=True, exist_ok=True)
         self.calmline("dialplan", "--output-dir", str(self.conf_dir))
         self.calmline("prompts", "install")
         (self.conf_dir / "extensions.conf").write_text(LAB_EXTENSIONS)
         (self.conf_dir / "features.conf").write_text(LAB_FEATURES)
+        modules = (SHARED / "base" / "modules.conf").read_text()
+        (self.conf_dir / "modules.conf").write_text(modules.rstrip() + "\nload => func_export.so\n")
+        (self.conf_dir / "cdr_custom.conf").write_text(LAB_CDR)
+        (self.conf_dir / "cel_custom.conf").write_text(LAB_CEL)
         subprocess.run(["bash", str(SHARED / "run-asterisk.sh"), "start", str(self.run_dir), str(self.conf_dir)],
                        check=True, capture_output=True, env={**os.environ, "PREFIX": str(PREFIX)})
         self.ami.connect()
@@ -256,11 +378,17 @@ class Lab:
         return result.stdout
 
     def stop(self) -> None:
+        if self.smtp is not None:
+            self.smtp.stop()
+            self.smtp = None
         self.stop_service()
         self.ami.close()
         subprocess.run(["bash", str(SHARED / "run-asterisk.sh"), "stop", str(self.run_dir)],
                        capture_output=True, env={**os.environ, "PREFIX": str(PREFIX)})
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while _port_open(AMI_PORT) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.lock.release()
 
 
 def copy_lab_log(lab: Lab, dest: Path) -> None:

@@ -103,6 +103,7 @@ class FakeChannel:
     notice_sent: bool = False
     commands: list[str] = field(default_factory=list)
     apps_run: list[tuple[str, str]] = field(default_factory=list)
+    exported: list[tuple[str, str, str]] = field(default_factory=list)
     max_command_len: int = 8192
 
     def _expand(self, text: str) -> str:
@@ -149,7 +150,12 @@ class FakeChannel:
         if command == "GET FULL VARIABLE":
             return f"200 result=1 ({self._expand(argv[3])})\n"
         if command == "SET VARIABLE":
-            self.variables[argv[2]] = argv[3]
+            exported = re.match(r"^EXPORT\(([^,]+),(.+)\)$", argv[2])
+            if exported:
+                self.exported.append((exported.group(1), exported.group(2).lstrip("_"), argv[3]))
+                return "200 result=1\n"
+            # `__NAME` (inherited) is read back as NAME, as on Asterisk.
+            self.variables[argv[2].lstrip("_")] = argv[3]
             return "200 result=1\n"
         if command == "STREAM FILE":
             name = argv[2]
@@ -168,14 +174,18 @@ class FakeChannel:
             data = argv[2] if len(argv) > 2 else ""
             if app not in KNOWN_APPS:
                 return "200 result=-2\n"
-            self.apps_run.append((app, self._expand(data)))
+            # Asterisk 22 passes EXEC arguments literally (no ${...} expansion) unless the
+            # channel sets AGIEXECFULL: seen on the real one as "No such channel: ${CHANNEL}".
+            if self.variables.get("AGIEXECFULL", "").lower() == "yes":
+                data = self._expand(data)
+            self.apps_run.append((app, data))
             if app == "ChannelRedirect":
-                target = self._expand(data).split(",")[0]
+                target = data.split(",")[0]
                 if target == self.name:
                     self.hung_up = True
             if app == "Set" and "=" in data:
                 key, _, value = data.partition("=")
-                self.variables[key] = self._expand(value)
+                self.variables[key] = value
             return "200 result=0\n"
         if command == "GET DATA":
             if not self.digits:

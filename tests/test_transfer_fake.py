@@ -25,7 +25,7 @@ def test_transfer_labels_the_caller_then_redirects(serving, path, exten, prompt)
     svc, channel = run(main())
     commands = channel.commands
     assert commands.index(f'STREAM FILE "{prompt}" ""') < commands.index(
-        f'EXEC ChannelRedirect "${{CHANNEL}},calmline-transfer,{exten},1"')
+        f'EXEC ChannelRedirect "{channel.name},calmline-transfer,{exten},1"')
     assert channel.variables["CALMLINE_XFER_TARGET"] == exten
     assert channel.variables["CALMLINE_XFER_WARNINGS"] == "2"
     assert channel.variables["CALMLINE_XFER_BY"] == "Local/warnscn@sim-agent-00000017;1"
@@ -66,8 +66,8 @@ def test_keyed_colleague_with_a_good_extension_moves_the_caller(serving):
     svc, channel = run(main())
     assert 'GET DATA "calmline/enter-extension" 6000 6' in channel.commands
     assert ("ChannelRedirect", "Local/caller@sim-caller-00000002;1,calmline-transfer,k2002,1") in channel.apps_run
-    shared = [data for app, data in channel.apps_run if app == "Set"]
-    assert "SHARED(CALMLINE_XFER_BY,Local/caller@sim-caller-00000002;1)=Local/keyscn@sim-agent-00000003;1" in shared
+    assert ("Local/caller@sim-caller-00000002;1", "CALMLINE_XFER_BY", "Local/keyscn@sim-agent-00000003;1") in channel.exported
+    assert ("Local/caller@sim-caller-00000002;1", "CALMLINE_XFER_TARGET", "colleague 2002") in channel.exported
     step = svc.events(event="step", step="caller_transferred")[0]
     assert step["extension"] == "2002"
     assert step["agent"] == channel.name and step["caller_channel"] == "Local/caller@sim-caller-00000002;1"
@@ -82,7 +82,7 @@ def test_keyed_colleague_bad_entry_leaves_the_call_as_it_was(serving, digits):
             return svc, channel
 
     svc, channel = run(main())
-    assert channel.apps_run == []  # no Set on the caller, no redirect
+    assert channel.apps_run == [] and channel.exported == []  # nothing set on the caller, no redirect
     assert 'STREAM FILE "calmline/extension-invalid" ""' in channel.commands
     end = svc.events(event="session_end")[0]
     assert end["outcome"] == "invalid_extension"
@@ -94,13 +94,17 @@ def test_transfer_result_records_the_dial_status(serving):
         async with serving() as svc:
             channel = bridged_caller()
             channel.functions["BRIDGEPEER"] = ""
-            channel.variables.update(CALMLINE_XFER_STATUS="NOANSWER", CALMLINE_XFER_TARGET="colleague")
+            channel.variables.update(CALMLINE_XFER_STATUS="NOANSWER", CALMLINE_XFER_TARGET="colleague",
+                                     CALMLINE_XFER_FALLBACK="queue support")
+            channel.hung_up = True  # it runs from the caller's hangup handler
             await run_session(svc.port, channel, environment("transfer/result"))
             return svc
 
     svc = run(main())
     step = svc.events(event="step", step="transfer_result")[0]
-    assert step["dial_status"] == "NOANSWER" and step["fallback"] is True and step["target"] == "colleague"
+    assert step["dial_status"] == "NOANSWER" and step["fallback"] == "queue support"
+    assert step["target"] == "colleague" and step["answered"] is False
+    assert svc.events(event="session_end")[0]["outcome"] == "completed"
 
 
 @pytest.mark.parametrize("dial", ["PJSIP/1,2", "PJSIP/1|PJSIP/2", "PJSIP/${EVIL}", "PJSIP/1\nexten", "PJSIP/a b", "nodial"])

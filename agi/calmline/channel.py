@@ -3,15 +3,26 @@
 Actions speak to a `Channel`, never to the socket. It turns answers into meaning: a missing
 prompt, a caller who hung up, an application that is not loaded. Caller-supplied text may go
 into `set_variable` values (Asterisk stores them verbatim) but never into `exec` arguments,
-which Asterisk expands (`${...}`) and splits at commas.
+which the application splits at commas. (Asterisk 22 does not expand `${...}` in EXEC
+arguments unless the channel sets AGIEXECFULL, so channel names are passed literally.)
 """
 
 from __future__ import annotations
 
-from calmline.errors import ApplicationMissing, CallerHungUp, PromptMissing
+import re
+
+from calmline.errors import ApplicationMissing, CallerHungUp, PromptMissing, UnsafeArgument
 from calmline.protocol import AGIStream, Answer, check_name, quote
 
 _SNAPSHOT_SEPARATOR = "]|["
+_CHANNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9/@;._+:#*-]*$")
+
+
+def channel_argument(name: str) -> str:
+    """A channel name safe to place in an application's argument list (no commas, spaces)."""
+    if not _CHANNEL_NAME.match(name):
+        raise UnsafeArgument(f"refusing to pass an unexpected channel name to an application: {name[:60]!r}")
+    return name
 
 
 class Channel:
@@ -19,10 +30,11 @@ class Channel:
 
     __slots__ = ("_stream", "name", "_released")
 
-    def __init__(self, stream: AGIStream, name: str):
+    def __init__(self, stream: AGIStream, name: str, *, dead_ok: bool = False):
         self._stream = stream
         self.name = name
-        self._released = False
+        # An action run from a hangup handler works on a channel that is already gone.
+        self._released = dead_ok
 
     @property
     def alive(self) -> bool:
@@ -60,6 +72,15 @@ class Channel:
         """Set a channel variable (or a writable function such as `CDR(userfield)`)."""
         await self._run(f"SET VARIABLE {check_name(name)} {quote(value)}")
 
+    async def set_variable_on(self, other: str, name: str, value: str) -> None:
+        """Set a variable on another channel (the caller, from the agent's channel).
+
+        Uses Asterisk's EXPORT() function (func_export, loaded by default with autoload).
+        """
+        await self._run(
+            f"SET VARIABLE EXPORT({channel_argument(other)},{check_name(name)}) {quote(value)}"
+        )
+
     async def stream_file(self, prompt: str, escape_digits: str = "") -> str | None:
         """Play a prompt to the end; return the escape digit pressed, if any."""
         answer = await self._run(f"STREAM FILE {quote(prompt)} {quote(escape_digits)}")
@@ -88,10 +109,15 @@ class Channel:
             raise ApplicationMissing(application)
         return answer.result or 0
 
-    async def redirect(self, context: str, exten: str, priority: int = 1) -> None:
-        """Move this channel out of its bridge to a dialplan location; the AGI loses it."""
-        self._released = True
-        await self.exec("ChannelRedirect", f"${{CHANNEL}},{context},{exten},{priority:d}")
+    async def redirect(self, context: str, exten: str, priority: int = 1, *, other: str | None = None) -> None:
+        """Move this channel (or `other`) out of its bridge to a dialplan location.
+
+        Redirecting this channel takes it away from the AGI: later hangup notices are expected.
+        """
+        target = other if other is not None else self.name
+        await self.exec("ChannelRedirect", f"{channel_argument(target)},{context},{exten},{priority:d}")
+        if other is None:
+            self._released = True
 
     async def hangup(self) -> None:
         """Hang this channel up; the bridge ends and the other party's leg is freed."""

@@ -45,28 +45,36 @@ def render_features(config: Config, source: str = "the embedded defaults") -> st
 
 def _transfer_extension(config: Config, exten: str, target: TransferTarget, dial: str) -> list[str]:
     t = config.transfer
-    url = config.dialplan.service_url.rstrip("/")
     lines = [
         f"exten => {exten},1,NoOp(calmline: transfer to {exten}: ${{CALMLINE_XFER_REASON}}, "
-        f"warnings ${{CALMLINE_WARNINGS}}, by ${{CALMLINE_XFER_BY}})",
+        f"warnings ${{CALMLINE_XFER_WARNINGS}}, by ${{CALMLINE_XFER_BY}})",
+        " same => n,Set(CHANNEL(hangup_handler_push)=calmline-transfer-result,s,1)",
     ]
     if t.caller_id_prefix:
-        lines.append(
-            " same => n,Set(CALLERID(name)=${IF($[\"${CALMLINE_WARNINGS}\" != \"\"]?"
-            "[W${CALMLINE_WARNINGS}] )}${CALLERID(name)})"
-        )
+        lines += [
+            " same => n,GotoIf($[\"${CALMLINE_XFER_WARNINGS}\" = \"\" | \"${CALMLINE_XFER_WARNINGS}\" = \"0\"]?ring)",
+            " same => n,Set(CALLERID(name)=[W${CALMLINE_XFER_WARNINGS}] ${CALLERID(name)})",
+        ]
     options = f"U(calmline-whisper^{target.whisper})" if target.whisper else ""
     lines += [
-        f" same => n,Dial({dial},{target.ring_seconds},{options})",
+        f" same => n{'(ring)' if t.caller_id_prefix else ''},Dial({dial},{target.ring_seconds},{options})",
         " same => n,Set(CALMLINE_XFER_STATUS=${DIALSTATUS})",
-        f" same => n,AGI({url}/transfer/result)",
         " same => n,GotoIf($[\"${DIALSTATUS}\" = \"ANSWER\"]?done)",
-        " same => n,Playback(calmline/transfer-unavailable)",
     ]
     if target.fallback == "queue":
-        lines.append(f" same => n,Queue({target.fallback_queue},,,,300)")
+        lines += [
+            f" same => n,Set(CALMLINE_XFER_FALLBACK=queue {target.fallback_queue})",
+            " same => n,Playback(calmline/transfer-unavailable)",
+            f" same => n,Queue({target.fallback_queue},,,,300)",
+        ]
     elif target.fallback == "dial" and target.fallback_dial:
-        lines.append(f" same => n,Dial({target.fallback_dial},60)")
+        lines += [
+            f" same => n,Set(CALMLINE_XFER_FALLBACK=dial {target.fallback_dial})",
+            " same => n,Playback(calmline/transfer-unavailable)",
+            f" same => n,Dial({target.fallback_dial},60)",
+        ]
+    else:
+        lines.append(" same => n,Set(CALMLINE_XFER_FALLBACK=hangup)")
     lines.append(" same => n(done),Hangup()")
     return lines
 
@@ -96,7 +104,13 @@ def render_extensions(config: Config, source: str = "the embedded defaults") -> 
         if t.colleague_keyed.enabled:
             dial = t.colleague_keyed.dial_template.replace("{ext}", "${EXTEN:1}")
             lines += _transfer_extension(config, "_k.", t.colleague, dial)
+        url = config.dialplan.service_url.rstrip("/")
         lines += [
+            "",
+            "; Runs when the transferred caller's call ends, however it ends: records the outcome.",
+            "[calmline-transfer-result]",
+            f"exten => s,1,AGI({url}/transfer/result)",
+            " same => n,Return()",
             "",
             "; Played to the person who answers a transfer, before the caller is connected.",
             "[calmline-whisper]",

@@ -91,10 +91,10 @@ class Session:
             caller_number=call.caller_number,
             caller_name=call.caller_name,
         )
-        channel = Channel(self._stream, call.channel)
+        action = self._registry.resolve(request.path)
+        channel = Channel(self._stream, call.channel, dead_ok=getattr(action, "dead_ok", False))
         outcome, status, error = "completed", "ok", None
         try:
-            action = self._registry.resolve(request.path)
             if action is None:
                 raise Refused(
                     f"no action at path {request.path!r}; "

@@ -11,6 +11,7 @@ import re
 from datetime import datetime, timezone
 
 from calmline.actions import ActionContext
+from calmline.channel import channel_argument
 from calmline.config import ColleagueKeyedConfig, TransferTarget
 from calmline.errors import CalmlineError
 
@@ -48,7 +49,8 @@ class Transfer:
             "CALMLINE_XFER_WARNINGS": warnings if warnings.isdigit() else "0",
         }
         for name, value in labels.items():
-            await channel.set_variable(name, value)
+            # `__` makes them inherited by the target's channel too (screen pops, whisper).
+            await channel.set_variable("__" + name, value)
         await channel.redirect(self._context, self._name)
         await context.audit.step(
             "caller_transferred", target=self._name, dial=target.dial, reason=target.reason,
@@ -79,34 +81,38 @@ class KeyedColleagueTransfer:
             await context.audit.step("extension_rejected", keyed=(keyed or "")[:20], reason=reason)
             raise InvalidExtension(reason)
         await context.audit.step("extension_keyed", extension=keyed)
-        # Set on the caller's channel from here: SHARED() writes another channel's variable;
-        # ${BRIDGEPEER} is expanded by Asterisk once, so no name we hold is parsed as dialplan.
+        caller = channel_argument(context.call.caller_channel)
+        agent = channel_argument(context.call.agent_channel)
         for name, value in (
             ("CALMLINE_XFER_TARGET", f"colleague {keyed}"),
             ("CALMLINE_XFER_REASON", self._target.reason),
-            ("CALMLINE_XFER_BY", "${CHANNEL}"),
+            ("CALMLINE_XFER_BY", agent),
+            ("CALMLINE_XFER_AT", datetime.now(timezone.utc).isoformat(timespec="seconds")),
         ):
-            await channel.exec("Set", f"SHARED({name},${{BRIDGEPEER}})={value}")
-        await channel.exec("ChannelRedirect", f"${{BRIDGEPEER}},{self._context},k{keyed},1")
+            await channel.set_variable_on(caller, "__" + name, value)
+        await channel.redirect(self._context, f"k{keyed}", other=caller)
         await context.audit.step("caller_transferred", target="colleague_keyed", extension=keyed,
                                  caller_channel=context.call.caller_channel)
         return "completed"
 
 
 class TransferResult:
-    """Run by the transfer context after Dial: records whether the target answered."""
+    """Run from the transferred caller's hangup handler: records how the transfer ended."""
 
     runs_on = "caller"
-    reads = ("CALMLINE_XFER_STATUS", "CALMLINE_XFER_TARGET", "CALMLINE_XFER_BY")
+    dead_ok = True
+    reads = ("CALMLINE_XFER_STATUS", "DIALSTATUS", "CALMLINE_XFER_TARGET", "CALMLINE_XFER_BY",
+             "CALMLINE_XFER_FALLBACK")
 
     async def run(self, context: ActionContext) -> str:
-        status = context.values.get("CALMLINE_XFER_STATUS", "") or "UNKNOWN"
+        values = context.values
+        status = values.get("CALMLINE_XFER_STATUS") or values.get("DIALSTATUS") or "UNKNOWN"
         await context.audit.step(
             "transfer_result",
-            target=context.values.get("CALMLINE_XFER_TARGET", ""),
+            target=values.get("CALMLINE_XFER_TARGET", ""),
             dial_status=status,
             answered=status == "ANSWER",
-            fallback=status != "ANSWER",
-            transferred_by=context.values.get("CALMLINE_XFER_BY", ""),
+            fallback=values.get("CALMLINE_XFER_FALLBACK") or None,
+            transferred_by=values.get("CALMLINE_XFER_BY", ""),
         )
         return "completed"
