@@ -51,6 +51,13 @@ _BATCH = 2000
 _STOP = object()
 
 
+def _cell(value: Any) -> Any:
+    """A value SQLite can bind: anything else would fail every retry and wedge the writer."""
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return str(value)
+
+
 def _iso_now(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
     event["ts"] = datetime.now(timezone.utc).isoformat(timespec="microseconds")
     return event
@@ -76,7 +83,8 @@ class AuditStore:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._seq = itertools.count(1)
         self._last_seq = 0
-        self._committed = 0
+        self._committed = 0  # as the event loop knows it (waiters released up to here)
+        self._durable = 0  # as the writer thread knows it: readable from any thread
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._tiebreak = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -103,7 +111,7 @@ class AuditStore:
         seq = next(self._seq)
         self._last_seq = seq
         data = json.dumps(event, default=str, ensure_ascii=False)
-        row = tuple(event.get(column) for column in _COLUMNS)
+        row = tuple(_cell(event.get(column)) for column in _COLUMNS)
         self._queue.put((seq, row + (data,)))
         if self._stdout is not None:
             self._stdout.write(data + "\n")
@@ -129,9 +137,11 @@ class AuditStore:
         """Block until everything submitted so far is committed (for shutdown and the CLI)."""
         target = self._last_seq
         deadline = time.monotonic() + timeout
-        while self._committed < target and time.monotonic() < deadline:
+        # `_durable`, not `_committed`: the latter is advanced by the event loop, which a
+        # caller inside that loop is blocking right now.
+        while self._durable < target and time.monotonic() < deadline:
             time.sleep(0.002)
-        return self._committed >= target
+        return self._durable >= target
 
     def close(self, timeout: float = 10.0) -> None:
         """Commit what is queued, then stop the writer."""
@@ -160,6 +170,7 @@ class AuditStore:
                 continue
             self._commit(conn, batch)
             committed = batch[-1][0]
+            self._durable = committed
             if self._loop is not None and not self._loop.is_closed():
                 try:
                     self._loop.call_soon_threadsafe(self._release, committed)

@@ -76,7 +76,7 @@ class AGIStream:
     for the script from then on, although commands that work on dead channels still answer.
     """
 
-    __slots__ = ("_reader", "_writer", "_answer_timeout", "_max_line", "hangup_noticed")
+    __slots__ = ("_reader", "_writer", "_answer_timeout", "_max_line", "hangup_noticed", "_broken")
 
     def __init__(
         self,
@@ -91,6 +91,7 @@ class AGIStream:
         self._writer = writer
         self._answer_timeout = answer_timeout
         self.hangup_noticed = False
+        self._broken: str | None = None  # set once an answer timed out: the stream is out of step
 
     async def read_environment(self, timeout: float) -> dict[str, str]:
         """Read `agi_key: value` lines up to the empty line; refuse anything else."""
@@ -98,7 +99,14 @@ class AGIStream:
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    line = await self._readline()
+                    try:
+                        line = await self._readline()
+                    except ConnectionLost:
+                        if env:
+                            raise ProtocolError(
+                                f"environment block cut off after {len(env)} lines"
+                            ) from None
+                        raise
                     if line == "":
                         break
                     match = _ENV_LINE.match(line)
@@ -120,15 +128,17 @@ class AGIStream:
         """Send one command line and return its `200` answer, or raise the typed error."""
         if any(c in line for c in "\r\n\x00"):
             raise UnsafeArgument(f"refusing to send a command with a line break: {line[:40]!r}")
+        if self._broken:
+            # A late answer may still arrive; it must not be read as this command's answer.
+            raise ProtocolError(f"not sending {line.split(' ', 1)[0]}: {self._broken}")
         self._writer.write(line.encode() + b"\n")
         try:
             async with asyncio.timeout(self._answer_timeout):
                 await self._writer.drain()
                 return await self._read_answer(line)
         except TimeoutError:
-            raise ProtocolError(
-                f"no answer to {line.split(' ', 1)[0]} within {self._answer_timeout:g}s"
-            ) from None
+            self._broken = f"no answer to {line.split(' ', 1)[0]} within {self._answer_timeout:g}s"
+            raise ProtocolError(self._broken) from None
         except (ConnectionError, OSError) as exc:
             raise ConnectionLost(f"connection lost: {exc}") from None
 

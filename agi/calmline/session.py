@@ -136,9 +136,12 @@ class Session:
             self._audit.problem("session_end", **fields)
         else:
             self._audit.event("session_end", **fields)
+        if error and channel.alive:
+            try:
+                await channel.verbose(f"calmline: {outcome}: {' '.join(error.split())}", 1)
+            except (CalmlineError, OSError):
+                pass  # the status below still matters more than the console line
         try:
-            if error and channel.alive:
-                await channel.verbose(f"calmline: {outcome}: {error}", 1)
             await channel.set_status(STATUS_VARIABLE, status)
         except (CalmlineError, OSError):
             pass  # the socket or channel is already gone; the outcome above says why
