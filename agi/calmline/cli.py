@@ -1,4 +1,4 @@
-"""The `calmline` command: serve, check, dialplan, prompts, outbox, audit.
+"""The `calmline` command: serve, check, dialplan, prompts, outbox, audit, report.
 
 Exit statuses follow click's convention: 0 success, 1 a check or operation failed,
 2 a usage or configuration error (with one line per problem, naming the key and the fix).
@@ -81,6 +81,39 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """The supervisor's HTML report of the last --days days, from cfg.audit.database."""
+    import sqlite3
+    from datetime import datetime, timedelta, timezone
+
+    from calmline.report import build_report, render_html
+
+    cfg, _source = _load(args)
+    path = cfg.audit.database
+    if not path.is_file():
+        print(f"calmline: no audit trail at {path} (audit.database): nothing to report", file=sys.stderr)
+        return EXIT_FAILED
+    now = datetime.now(timezone.utc)
+    since = datetime.combine(now.date() - timedelta(days=args.days - 1), datetime.min.time(), timezone.utc)
+    try:
+        report = build_report(path, since=since, until=None, now=now)
+    except sqlite3.Error as exc:
+        print(f"calmline: cannot read the audit trail {path} (audit.database): {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    output = args.output
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        partial = output.with_name(output.name + ".partial")
+        partial.write_text(render_html(report), encoding="utf-8")
+        partial.replace(output)
+    except OSError as exc:
+        print(f"calmline: cannot write the report {output}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"wrote {output}: {len(report.calls)} call(s), {report.escalations} escalation(s) "
+          f"in the last {args.days} day(s)")
+    return EXIT_OK
+
+
 def cmd_dialplan(args: argparse.Namespace) -> int:
     from calmline import dialplan
 
@@ -136,6 +169,16 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         return EXIT_FAILED if args.retry_now and failed else EXIT_OK
 
 
+def _positive_days(text: str) -> int:
+    try:
+        days = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days") from None
+    if not 1 <= days <= 3660:
+        raise argparse.ArgumentTypeError("--days must be between 1 and 3660")
+    return days
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="calmline", description="Keypad codes for agents facing abusive callers, over FastAGI."
@@ -159,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--ami-port", type=int, default=5038)
     check.add_argument("--ami-user", default=None)
     check.add_argument("--ami-secret", default=None, help="or set CALMLINE_AMI_SECRET")
+    check.add_argument("--features-conf", type=Path, default=None,
+                       help="Asterisk's features.conf, checked for codes that clash with calmline's "
+                            "(default: dialplan.existing_features_conf)")
     check.set_defaults(func=cmd_check)
 
     dp = sub.add_parser("dialplan", help="render the features.conf and extensions.conf snippets")
@@ -185,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--linkedid", help="only this call")
     audit.add_argument("--limit", type=int, default=200)
     audit.set_defaults(func=cmd_audit)
+
+    rep = sub.add_parser("report", help="write the supervisors' HTML report of escalations from the audit trail")
+    rep.add_argument("--days", type=_positive_days, default=30, help="how many days back, today included (default 30)")
+    rep.add_argument("--output", type=Path, default=Path("calmline-report.html"),
+                     help="the HTML file to write (default calmline-report.html)")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 
