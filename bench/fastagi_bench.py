@@ -179,12 +179,11 @@ def _snapshot(kind: str, state: dict) -> dict:
     return snap
 
 
-async def _serve(kind: str, conn, use_uvloop: bool) -> None:
+async def _serve(kind: str, conn, tmpdir: str) -> None:
     import cProfile
     import io
     import pstats
 
-    tmpdir = tempfile.mkdtemp(prefix=f"fastagi-bench-{kind}-")
     state: dict = {}
     loop = asyncio.get_running_loop()
     profiler: cProfile.Profile | None = None
@@ -206,7 +205,7 @@ async def _serve(kind: str, conn, use_uvloop: bool) -> None:
                 profiler.disable()
                 out = io.StringIO()
                 stats = pstats.Stats(profiler, stream=out)
-                stats.sort_stats("tottime").print_stats(message[1])
+                stats.sort_stats(os.environ.get("BENCH_PROFILE_SORT", "tottime")).print_stats(message[1])
                 stats.sort_stats("cumulative").print_stats(message[1])
                 profiler = None
                 conn.send(out.getvalue())
@@ -223,12 +222,13 @@ async def _serve(kind: str, conn, use_uvloop: bool) -> None:
                 conn.send(final)
                 return
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        if "devnull" in state and not state["devnull"].closed:
+            state["devnull"].close()
 
 
-def server_process(kind: str, conn, use_uvloop: bool) -> None:
+def server_process(kind: str, conn, use_uvloop: bool, tmpdir: str) -> None:
     with asyncio.Runner(loop_factory=_new_loop_factory(use_uvloop)) as runner:
-        runner.run(_serve(kind, conn, use_uvloop))
+        runner.run(_serve(kind, conn, tmpdir))
 
 
 class ServerHandle:
@@ -236,10 +236,14 @@ class ServerHandle:
         ctx = mp.get_context("spawn")
         self.kind = kind
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=server_process, args=(kind, child, use_uvloop),
+        # The parent owns the temp directory, so it is removed even if the child dies.
+        self.tmpdir = tempfile.mkdtemp(prefix=f"fastagi-bench-{kind}-")
+        self.process = ctx.Process(target=server_process,
+                                   args=(kind, child, use_uvloop, self.tmpdir),
                                    name=f"bench-{kind}", daemon=True)
         self.process.start()
         if not self.conn.poll(60):
+            self.close()
             raise RuntimeError(f"{kind} server did not start")
         info = self.conn.recv()
         self.port: int = info["port"]
@@ -251,9 +255,18 @@ class ServerHandle:
         return self.conn.recv()
 
     def stop(self) -> dict:
-        final = self.ask("stop")
-        self.process.join(30)
+        try:
+            final = self.ask("stop")
+            self.process.join(30)
+        finally:
+            self.close()
         return final
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- client
@@ -322,6 +335,8 @@ class RunResult:
     audit_events: int | None = None
     audit_steps: int | None = None
     audit_commits: int | None = None
+    repeats: int = 1
+    sessions_per_s_runs: list[float] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
 
 
@@ -393,6 +408,7 @@ def measure(handle: ServerHandle, client: asyncio.Runner, sessions: int, concurr
         sessions=sessions,
         wall_s=raw["wall"],
         sessions_per_s=sessions / raw["wall"],
+        sessions_per_s_runs=[sessions / raw["wall"]],
         first_cmd_p50_ms=_pct(first, 0.50) * 1e3,
         first_cmd_p99_ms=_pct(first, 0.99) * 1e3,
         session_p50_ms=_pct(whole, 0.50) * 1e3,
@@ -414,11 +430,50 @@ def measure(handle: ServerHandle, client: asyncio.Runner, sessions: int, concurr
     return result
 
 
+def combine(runs: list[RunResult]) -> RunResult:
+    """Repeats of one (server, concurrency): medians of the per-run figures, sums of counts."""
+    med = statistics.median
+    first = runs[0]
+    threads = {name for r in runs for name in r.server_threads_us_per_session}
+    audited = first.audit_commits is not None
+    return RunResult(
+        server=first.server,
+        concurrency=first.concurrency,
+        sessions=sum(r.sessions for r in runs),
+        wall_s=sum(r.wall_s for r in runs),
+        sessions_per_s=med(r.sessions_per_s for r in runs),
+        first_cmd_p50_ms=med(r.first_cmd_p50_ms for r in runs),
+        first_cmd_p99_ms=med(r.first_cmd_p99_ms for r in runs),
+        session_p50_ms=med(r.session_p50_ms for r in runs),
+        session_p99_ms=med(r.session_p99_ms for r in runs),
+        errors=sum(r.errors for r in runs),
+        server_cpu_us_per_session=med(r.server_cpu_us_per_session for r in runs),
+        client_cpu_pct=med(r.client_cpu_pct for r in runs),
+        server_cpu_pct=med(r.server_cpu_pct for r in runs),
+        server_threads_us_per_session={
+            name: med(r.server_threads_us_per_session.get(name, 0) for r in runs) for name in threads
+        },
+        audit_events=sum(r.audit_events for r in runs) if audited else None,
+        audit_steps=sum(r.audit_steps for r in runs) if audited else None,
+        audit_commits=sum(r.audit_commits for r in runs) if audited else None,
+        repeats=len(runs),
+        sessions_per_s_runs=[round(r.sessions_per_s) for r in runs],
+        error_samples=[e for r in runs for e in r.error_samples][:5],
+    )
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
 # --------------------------------------------------------------------------- report
 
 
 def print_table(results: list[RunResult]) -> None:
-    header = (f"{'server':<13}{'conc':>5}{'sessions':>9}{'sessions/s':>12}"
+    header = (f"{'server':<13}{'conc':>5}{'sessions':>9}{'sessions/s':>12}{'(min-max)':>13}"
               f"{'first-cmd p50 ms':>18}{'p99 ms':>8}{'session p50 ms':>16}{'p99 ms':>8}"
               f"{'srv CPU us/sess':>17}{'srv CPU%':>9}{'cli CPU%':>9}{'errors':>8}")
     print(header)
@@ -428,7 +483,8 @@ def print_table(results: list[RunResult]) -> None:
         if last is not None and r.concurrency != last:
             print()
         last = r.concurrency
-        print(f"{r.server:<13}{r.concurrency:>5}{r.sessions:>9}{r.sessions_per_s:>12.0f}"
+        spread = f"{min(r.sessions_per_s_runs):.0f}-{max(r.sessions_per_s_runs):.0f}"
+        print(f"{r.server:<13}{r.concurrency:>5}{r.sessions:>9}{r.sessions_per_s:>12.0f}{spread:>13}"
               f"{r.first_cmd_p50_ms:>18.3f}{r.first_cmd_p99_ms:>8.3f}"
               f"{r.session_p50_ms:>16.3f}{r.session_p99_ms:>8.3f}"
               f"{r.server_cpu_us_per_session:>17.0f}{r.server_cpu_pct:>9.0f}"
@@ -445,7 +501,8 @@ def print_threads(results: list[RunResult]) -> None:
 
 
 def print_audit(results: list[RunResult], finals: dict) -> None:
-    print("\naudit trail per measured run (events written / step events / SQLite commits):")
+    print("\naudit trail, totals over the measured runs of each row (events written, step events, "
+          "SQLite commits):")
     for r in sorted(results, key=lambda r: (SERVERS.index(r.server), r.concurrency)):
         if r.audit_commits is None:
             print(f"  {r.server:<13} conc {r.concurrency:>3}: no audit trail (0 events, 0 commits)")
@@ -491,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,50",
                         help="comma-separated concurrency levels (default 1,50)")
     parser.add_argument("--quick", action="store_true", help="a tenth of the sessions")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="measured runs per server and concurrency, interleaved; the "
+                             "table shows medians (default 5)")
     parser.add_argument("--uvloop", action="store_true",
                         help="run the servers (and the client) on uvloop")
     parser.add_argument("--servers", default=",".join(SERVERS),
@@ -520,12 +580,24 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             parser.error("--uvloop: uvloop is not installed")
 
-    import calmline
+    import calmline  # noqa: F401  (fail early if missing)
     import panoramisk  # noqa: F401
 
     template = environment_template()
     started = time.time()
-    handles = {kind: ServerHandle(kind, args.uvloop) for kind in servers}
+    load_before = _loadavg()
+    handles: dict[str, ServerHandle] = {}
+    try:
+        for kind in servers:
+            handles[kind] = ServerHandle(kind, args.uvloop)
+        return _run(args, handles, levels, count, scale, template, started, load_before)
+    finally:
+        for handle in handles.values():
+            handle.close()
+
+
+def _run(args, handles, levels, count, scale, template, started, load_before) -> int:
+    import calmline
     results: list[RunResult] = []
     finals: dict = {}
     warmup = {}
@@ -538,14 +610,17 @@ def main(argv: list[str] | None = None) -> int:
             warm1 = measure(handle, client, max(20, 100 // scale), 1, template)
             warmup[kind] = warm.errors + warm1.errors
             handle.warm_sessions = warm.sessions + warm1.sessions - warm.errors - warm1.errors
-        # Measured runs: interleave servers at each level so drift hits all of them alike.
-        for conc in levels:
-            for kind, handle in handles.items():
-                r = measure(handle, client, count(conc), conc, template)
-                results.append(r)
-                print(f"  measured {kind:<13} conc {conc:>3}: {r.sessions_per_s:8.0f} sessions/s, "
-                      f"first-cmd p50 {r.first_cmd_p50_ms:.3f} ms, errors {r.errors}",
-                      file=sys.stderr, flush=True)
+        # Measured runs: interleave servers and repeats so drift hits all of them alike.
+        runs: dict[tuple[str, int], list[RunResult]] = {}
+        for rep in range(max(1, args.repeat)):
+            for conc in levels:
+                for kind, handle in handles.items():
+                    r = measure(handle, client, count(conc), conc, template)
+                    runs.setdefault((kind, conc), []).append(r)
+                    print(f"  run {rep + 1}: {kind:<13} conc {conc:>3}: {r.sessions_per_s:8.0f} "
+                          f"sessions/s, first-cmd p50 {r.first_cmd_p50_ms:.3f} ms, errors {r.errors}",
+                          file=sys.stderr, flush=True)
+        results = [combine(rs) for rs in runs.values()]
         if args.profile and "calmline" in handles:
             handle = handles["calmline"]
             for conc in levels:
@@ -574,7 +649,10 @@ def main(argv: list[str] | None = None) -> int:
           f"temp database file, JSON lines to os.devnull; "
           f"panoramisk {_version('panoramisk')}")
     print("each server in its own process; one client process; answers sent at once")
-    print(f"warm-up errors: {warmup}; total time {elapsed:.0f} s\n")
+    print(f"{args.repeat} interleaved runs per row, table shows medians; sessions = total over runs; "
+          f"warm-up errors: {warmup}")
+    print(f"load average before/after: {load_before} / {_loadavg()} (other work on the machine "
+          f"skews sessions/s; CPU us/session is steadier); total time {elapsed:.0f} s\n")
     print_table(results)
     print_threads(results)
     print_audit(results, finals)
@@ -596,6 +674,9 @@ def main(argv: list[str] | None = None) -> int:
             "loop": "uvloop" if args.uvloop else "asyncio",
             "server_loops": server_loops,
             "audit": {"journal_mode": "wal", "synchronous": "full", "stdout": "os.devnull"},
+            "repeat": args.repeat,
+            "loadavg_before": load_before,
+            "loadavg_after": _loadavg(),
             "warmup_errors": warmup,
             "results": [asdict(r) for r in results],
             "calmline_final": finals.get("calmline"),

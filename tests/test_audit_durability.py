@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -66,7 +67,7 @@ def test_submitted_events_are_readable_by_another_connection_once_durable(trail_
     store, found = run(main())
     assert [r[1] for r in found] == [f"u.{i}" for i in range(50)]
     assert all(r[0] == "probe" for r in found)
-    assert '"n": 7' in found[7][3]
+    assert json.loads(found[7][3])["n"] == 7
 
 
 def test_step_does_not_return_before_its_event_is_committed(trail_store):
@@ -139,7 +140,7 @@ def test_an_event_sqlite_cannot_store_does_not_wedge_the_trail(trail_store):
 
     found = run(main())
     assert [r[0] for r in found] == ["odd", "step"]
-    assert '"not": "a string"' in found[0][3]  # the full event is kept in `data`
+    assert json.loads(found[0][3])["agent"] == {"not": "a string"}  # the full event is kept in `data`
 
 
 # --- kill -9 under load -----------------------------------------------------------------------
@@ -236,7 +237,7 @@ outbox = "{tmp_path / 'outbox.sqlite3'}"
     unfinished = [uid for uid, _ in sessions if uid not in acked]
     assert len(acked) >= 300, len(acked)
     # The kill landed under load: sessions were running that never saw their status set.
-    assert unfinished, "no session was in flight when the server was killed"
+    assert unfinished, f"no session was in flight when the server was killed ({len(sessions)} sessions, {len(acked)} acked)"
 
     # Opening the database recovers the WAL, as the restarted service would.
     conn = sqlite3.connect(db)

@@ -46,16 +46,17 @@ class Peer:
 @contextlib.asynccontextmanager
 async def wire(*, max_line: int = 1024, answer_timeout: float = 2.0):
     """An AGIStream on the accepting side of a loopback TCP connection (as the server has it)."""
-    accepted: asyncio.Future = asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Future = loop.create_future()
 
-    async def on_connection(reader, writer):
-        accepted.set_result((reader, writer))  # the test owns the socket from here
+    def new_stream():
+        return AGIStream(answer_timeout=answer_timeout, max_line=max_line,
+                         on_connect=lambda s: accepted.set_result(s))  # the test owns it from here
 
-    server = await asyncio.start_server(on_connection, "127.0.0.1", 0, limit=max_line)
+    server = await loop.create_server(new_stream, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     peer_reader, peer_writer = await asyncio.open_connection("127.0.0.1", port)
-    reader, writer = await asyncio.wait_for(accepted, 2)
-    stream = AGIStream(reader, writer, answer_timeout=answer_timeout, max_line=max_line)
+    stream = await asyncio.wait_for(accepted, 2)
     peer = Peer(peer_reader, peer_writer)
     try:
         yield stream, peer

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
 
 from calmline.actions import Registry
 from calmline.audit import AuditTrail
@@ -36,12 +35,18 @@ class FastAGIServer:
     async def start(self) -> tuple[str, int]:
         """Bind and listen; return the address actually bound (port 0 picks a free one)."""
         cfg = self._config.server
-        self._server = await asyncio.start_server(
-            self._on_connection, cfg.host, cfg.port, limit=cfg.max_line_bytes, backlog=1024
+        self._server = await asyncio.get_running_loop().create_server(
+            self._new_stream, cfg.host, cfg.port, backlog=1024
         )
         host, port = self._server.sockets[0].getsockname()[:2]
         self._audit.event("server_listening", host=host, port=port, paths=self._registry.paths())
         return host, port
+
+    def _new_stream(self) -> AGIStream:
+        cfg = self._config.server
+        return AGIStream(
+            answer_timeout=cfg.answer_timeout, max_line=cfg.max_line_bytes, on_connect=self._on_connection
+        )
 
     async def serve_forever(self) -> None:
         assert self._server is not None, "start() first"
@@ -70,35 +75,23 @@ class FastAGIServer:
             address = address.ipv4_mapped
         return any(address in network for network in self._allowed)
 
-    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peername = writer.get_extra_info("peername") or ("?", 0)
-        peer = f"{peername[0]}:{peername[1]}"
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if not self._allowed_peer(peername[0]):
-            self._audit.problem("connection_refused", peer=peer, reason="address not in server.allow")
-            writer.close()
+    def _on_connection(self, stream: AGIStream) -> None:
+        host = stream.peer.rpartition(":")[0]
+        if not self._allowed_peer(host):
+            self._audit.problem("connection_refused", peer=stream.peer, reason="address not in server.allow")
+            stream.abort()
             return
         if len(self._sessions) >= self._config.server.max_sessions:
             self._audit.problem(
                 "connection_refused",
-                peer=peer,
+                peer=stream.peer,
                 reason=f"server.max_sessions ({self._config.server.max_sessions}) reached",
             )
-            writer.close()
+            stream.abort()
             return
-        task = asyncio.current_task()
+        session = Session(
+            stream, registry=self._registry, config=self._config, audit=self._audit, peer=stream.peer
+        )
+        task = asyncio.get_running_loop().create_task(session.run())
         self._sessions.add(task)
-        try:
-            stream = AGIStream(
-                reader,
-                writer,
-                answer_timeout=self._config.server.answer_timeout,
-                max_line=self._config.server.max_line_bytes,
-            )
-            await Session(
-                stream, registry=self._registry, config=self._config, audit=self._audit, peer=peer
-            ).run()
-        finally:
-            self._sessions.discard(task)
+        task.add_done_callback(self._sessions.discard)

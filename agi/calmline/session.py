@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-import structlog
-
 from calmline.actions import ActionContext, CallIdentity, Registry
+from calmline import audit
 from calmline.audit import AuditTrail
 from calmline.channel import Channel
 from calmline.config import Config
@@ -42,7 +41,8 @@ class Request:
             parts = urlsplit(env.get("agi_request", ""))
             script = parts.path + ("?" + parts.query if parts.query else "")
         path, _, query = script.partition("?")
-        return cls(path.strip("/"), dict(parse_qsl(query, keep_blank_values=True)))
+        params = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
+        return cls(path.strip("/"), params)
 
 
 class Session:
@@ -66,8 +66,8 @@ class Session:
     async def run(self) -> str:
         """Serve the session; return its outcome. Never raises for anything Asterisk sends."""
         started = time.perf_counter()
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(
+        audit.clear()
+        audit.bind(
             session=f"{_PROCESS}-{next(_session_ids)}", peer=self._peer
         )
         try:
@@ -84,7 +84,7 @@ class Session:
 
         request = Request.from_environment(env)
         call = CallIdentity.from_environment(env)
-        structlog.contextvars.bind_contextvars(
+        audit.bind(
             action=request.path,
             uniqueid=call.uniqueid,
             channel=call.channel,
@@ -102,7 +102,7 @@ class Session:
                 )
             values = await channel.snapshot(["CHANNEL(linkedid)", "BRIDGEPEER", *action.reads])
             call = call.with_bridge(values["CHANNEL(linkedid)"], values["BRIDGEPEER"], action.runs_on)
-            structlog.contextvars.bind_contextvars(
+            audit.bind(
                 linkedid=call.linkedid, agent=call.agent_channel, caller_channel=call.caller_channel
             )
             self._audit.event("session_start", params=request.params or None)
@@ -146,4 +146,4 @@ class Session:
         except (CalmlineError, OSError):
             pass  # the socket or channel is already gone; the outcome above says why
         await self._stream.close()
-        structlog.contextvars.clear_contextvars()
+        audit.clear()

@@ -8,7 +8,7 @@ no module globals.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from calmline.audit import AuditTrail
@@ -43,9 +43,9 @@ class CallIdentity:
 
     def with_bridge(self, linkedid: str, bridge_peer: str, runs_on: RunsOn) -> CallIdentity:
         """Fill in the call's linkedid and which leg is the agent's, from BRIDGEPEER."""
-        if runs_on == "caller":
-            return replace(self, linkedid=linkedid, agent_channel=bridge_peer, caller_channel=self.channel)
-        return replace(self, linkedid=linkedid, agent_channel=self.channel, caller_channel=bridge_peer)
+        agent, caller = (bridge_peer, self.channel) if runs_on == "caller" else (self.channel, bridge_peer)
+        return CallIdentity(self.uniqueid, self.channel, self.caller_number, self.caller_name,
+                            self.language, linkedid, agent, caller)
 
 
 @dataclass(frozen=True, slots=True)
