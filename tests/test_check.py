@@ -17,6 +17,9 @@ import pytest
 
 from calmline import check
 from calmline.dialplan import FEATURES_FILE
+from calmline.config import Config
+
+PROMPTS = len(Config().prompt_names())  # every prompt the default config plays
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "dialplan" / "prompts"
@@ -70,7 +73,7 @@ def test_a_sound_setup_passes(tmp_path, listening):
     assert result.returncode == 0, result.stdout + result.stderr
     assert problems(result) == []
     assert f"ok: the service answers on 127.0.0.1:{listening}" in result.stdout
-    assert "ok: all 8 prompts are installed" in result.stdout
+    assert f"ok: all {PROMPTS} prompts are installed" in result.stdout
     assert "ok: etc/features.conf includes calmline's etc/calmline-features.conf" in result.stdout
     assert "ok: no code in etc/features.conf clashes with calmline's (2 entries read)" in result.stdout
     assert result.stdout.rstrip().endswith(f"calmline check: {config} is fine")
@@ -109,7 +112,7 @@ def test_every_language_needs_every_prompt(tmp_path, listening):
     result = calmline("-c", str(config), "check", cwd=tmp_path)
     assert result.returncode == 1
     missing = problems(result)
-    assert len(missing) == 8 and all("for language 'fr'" in line for line in missing)
+    assert len(missing) == PROMPTS and all("for language 'fr'" in line for line in missing)
     assert "prompt 'calmline/warn-1' is missing for language 'fr'" in missing[0]
 
 
@@ -118,7 +121,7 @@ def test_no_sounds_directory_is_one_line(tmp_path, listening):
     result = calmline("-c", str(config), "check", cwd=tmp_path)
     assert result.returncode == 1
     assert problems(result) == [
-        f"prompts.sounds_dir: {tmp_path / 'nowhere'} is not a directory, so none of the 8 prompts can "
+        f"prompts.sounds_dir: {tmp_path / 'nowhere'} is not a directory, so none of the {PROMPTS} prompts can "
         f"play; set it to Asterisk's sounds directory (`core show settings`, astdatadir + /sounds), "
         f"then run `calmline prompts install`"
     ]

@@ -348,8 +348,10 @@ class Config(Section):
             keyed = self.transfer.colleague_keyed
             if keyed.enabled:
                 names += [keyed.prompt, keyed.invalid_prompt]
+            names.append("calmline/transfer-unavailable")  # the rendered fallback plays it
         if self.end.enabled:
             names.append(self.end.prompt)
+        names += ["calmline/record-intro", "calmline/record-saved"]  # the admin's recording line
         return list(dict.fromkeys(names))
 
 

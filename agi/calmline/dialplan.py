@@ -65,7 +65,7 @@ def _transfer_extension(config: Config, exten: str, target: TransferTarget, dial
         lines += [
             f" same => n,Set(CALMLINE_XFER_FALLBACK=queue {target.fallback_queue})",
             " same => n,Playback(calmline/transfer-unavailable)",
-            f" same => n,Queue({target.fallback_queue},,,,300)",
+            f" same => n,Queue({target.fallback_queue},b({config.dialplan.agent_context}^s^1),,,300)",
         ]
     elif target.fallback == "dial" and target.fallback_dial:
         lines += [

@@ -13,13 +13,21 @@ import getpass
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from calmline.errors import ConfigError
 
-SHIPPED_DIR = Path(__file__).resolve().parents[2] / "dialplan" / "prompts"
+def _shipped_dir() -> Path:
+    """The shipped prompts: the checkout's dialplan/prompts, else where pip put them."""
+    checkout = Path(__file__).resolve().parents[2] / "dialplan" / "prompts"
+    installed = Path(sys.prefix) / "share" / "calmline" / "prompts"
+    return checkout if checkout.is_dir() or not installed.is_dir() else installed
+
+
+SHIPPED_DIR = _shipped_dir()
 SUBDIR = "calmline"
 
 _LANGUAGE = re.compile(r"^[A-Za-z0-9_-]+$")

@@ -1,0 +1,45 @@
+"""warn: play the caller the warning of the next stage of the ladder.
+
+The count lives on the caller's channel, so whichever service instance takes the next press
+knows how many warnings this caller has had.
+"""
+
+from __future__ import annotations
+
+from calmline.actions import Action, ActionContext
+from calmline.config import WarnConfig
+
+
+class Warn:
+    """Escalating warnings: stage 1, stage 2 (final), then repeat the last or end the call."""
+
+    runs_on = "caller"
+
+    def __init__(self, config: WarnConfig, end: Action | None = None):
+        self._config = config
+        self._end = end if config.after_last == "end" else None
+        self.reads = (config.counter_variable,)
+
+    async def run(self, context: ActionContext) -> str:
+        counter = self._config.counter_variable
+        raw = context.values.get(counter, "")
+        given = int(raw) if raw.isdigit() else 0
+        if raw and not raw.isdigit():
+            context.audit.problem("warning_counter_invalid", variable=counter, value=raw[:40])
+        stages = self._config.stages
+        stage = given + 1
+        if stage > len(stages) and self._end is not None:
+            await context.audit.step("ladder_exhausted", warnings=given)
+            return await self._end.run(context)
+        index = min(stage, len(stages)) - 1
+        prompt = stages[index].prompt
+        await context.channel.stream_file(prompt)
+        await context.channel.set_variable(counter, str(stage))
+        await context.audit.step(
+            "warning_played",
+            warning=stage,
+            final=index == len(stages) - 1,
+            repeated=stage > len(stages),
+            prompt=prompt,
+        )
+        return "completed"

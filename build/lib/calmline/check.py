@@ -1,0 +1,403 @@
+"""`calmline check`: find an admin's mistakes before the agents do.
+
+Each problem is one line naming the key and the fix; the caller decides the exit status.
+What is checked: the config (it loaded), the prompts on disk, the admin's own features.conf
+for codes that clash with calmline's, the service port, and (given AMI access) whether the
+running Asterisk has calmline's features loaded with the expected codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from calmline.config import Config, Feature
+from calmline.errors import ConfigError
+
+AMI_SECRET_ENV = "CALMLINE_AMI_SECRET"
+AMI_TIMEOUT = 10.0
+RELOAD_FIX = (
+    "render it with `calmline dialplan --output-dir /etc/asterisk`, make sure features.conf "
+    "ends with `#include calmline-features.conf`, then run `module reload features`"
+)
+
+
+def _check_port(cfg: Config) -> tuple[list[str], list[str]]:
+    host, port = cfg.server.host, cfg.server.port
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return [], [f"the service answers on {host}:{port}"]
+    except OSError as exc:
+        return [
+            f"server.port: nothing answers on {host}:{port} ({exc.strerror or exc}); "
+            f"start it with `calmline serve`, or pass --no-port to skip this check"
+        ], []
+
+
+# --- prompts ----------------------------------------------------------------
+
+
+def _check_prompts(cfg: Config) -> tuple[list[str], list[str]]:
+    from calmline.prompts import missing_prompts
+
+    sounds = cfg.prompts.sounds_dir
+    languages = list(cfg.prompts.languages)
+    names = cfg.prompt_names()
+    if not sounds.is_dir():
+        return [
+            f"prompts.sounds_dir: {sounds} is not a directory, so none of the {len(names)} prompts "
+            f"can play; set it to Asterisk's sounds directory (`core show settings`, astdatadir "
+            f"+ /sounds), then run `calmline prompts install`"
+        ], []
+    try:
+        missing = missing_prompts(sounds, languages, names)
+    except ConfigError as exc:
+        return [f"prompts: {line}" for line in exc.problems], []
+    problems = [
+        f"prompts.sounds_dir: prompt {name!r} is missing for language {lang!r} (no "
+        f"{sounds / lang / name}.* nor {sounds / name}.*); run `calmline prompts install`, "
+        f"or record your own there"
+        for lang, name in missing
+    ]
+    notes = [] if problems else [
+        f"all {len(names)} prompts are installed under {sounds} for {', '.join(languages)}"
+    ]
+    return problems, notes
+
+
+# --- the admin's features.conf ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeatureEntry:
+    """One `name => code...` line of features.conf, where it was found."""
+
+    path: Path
+    line: int
+    category: str
+    name: str
+    code: str
+
+    def where(self) -> str:
+        return f"{self.path}:{self.line}: [{self.category}] {self.name} => {self.code}"
+
+
+_INCLUDE = re.compile(r"^#\s*(try)?include\s+(.+?)\s*$")
+_DIRECTIVE = re.compile(r"^#\s*\w+")
+_TEMPLATE = re.compile(r"^(\[[^\]]+\])\s*\([^)]*\)")
+
+
+def _features_conf_class():
+    """pyst2's `asterisk.config.Config`, taught the `#include` lines Asterisk files contain.
+
+    pyst2 parses `name = value` / `name => value` lines into categories, but raises on a
+    `#include` line and on a template suffix (`[applicationmap](+)`): those are turned
+    into blank lines (so line numbers stay right) and the includes are kept aside.
+    """
+    import asterisk.config
+
+    class FeaturesConf(asterisk.config.Config):
+        def __init__(self, filename: str, category: str | None = None):
+            self.category_at_start = category
+            self.includes: list[tuple[int, str, str | None]] = []
+            self.shift = 0
+            super().__init__(filename)
+
+        def load(self) -> None:
+            with open(self.filename, encoding="utf-8", errors="replace") as f:
+                raw = f.readlines()
+            lines: list[str] = []
+            category = self.category_at_start
+            for number, line in enumerate(raw, 1):
+                text = line.strip()
+                if match := _INCLUDE.match(text):
+                    target = match.group(2).strip().strip('"').strip("<>")
+                    self.includes.append((number, target, category))
+                    lines.append("\n")
+                elif _DIRECTIVE.match(text):
+                    lines.append("\n")
+                elif match := _TEMPLATE.match(text):
+                    category = match.group(1)[1:-1]
+                    lines.append(match.group(1) + "\n")
+                else:
+                    if text.startswith("[") and text.endswith("]"):
+                        category = text[1:-1]
+                    lines.append(line)
+            if self.category_at_start:
+                # an included file's first lines belong to the includer's category
+                lines.insert(0, f"[{self.category_at_start}]\n")
+                self.shift = 1
+            self.raw_lines = lines
+
+    return FeaturesConf
+
+
+def read_features_conf(path: Path) -> tuple[list[FeatureEntry], list[str], list[str]]:
+    """The `[featuremap]` and `[applicationmap]` entries of `path` and the files it includes.
+
+    Returns (entries, files calmline generated that it includes, problems). calmline's own
+    generated file is not read: its entries are calmline's, not the admin's.
+    """
+    from asterisk.config import ParseError
+
+    from calmline.dialplan import MARKER
+
+    conf_class = _features_conf_class()
+    entries: list[FeatureEntry] = []
+    ours: list[str] = []
+    problems: list[str] = []
+    seen: set[Path] = set()
+
+    def visit(file: Path, category: str | None, depth: int) -> None:
+        resolved = file.resolve()
+        if resolved in seen or depth > 10:
+            return
+        seen.add(resolved)
+        try:
+            with file.open(encoding="utf-8", errors="replace") as f:
+                first = f.readline()
+        except OSError as exc:
+            problems.append(f"cannot read {file}: {exc.strerror or exc}")
+            return
+        if first.startswith(MARKER):
+            ours.append(str(file))
+            return
+        try:
+            conf = conf_class(str(file), category)
+        except ParseError as exc:
+            number, message = (exc.args + ("", ""))[:2]
+            problems.append(f"{file}:{number}: cannot parse ({message}); fix that line of features.conf")
+            return
+        except OSError as exc:
+            problems.append(f"cannot read {file}: {exc.strerror or exc}")
+            return
+        for cat in conf.categories:
+            if cat.name not in ("featuremap", "applicationmap"):
+                continue
+            for item in cat.items:
+                value = item.value.strip()
+                code = value.split(",", 1)[0].strip() if cat.name == "applicationmap" else value
+                if code:
+                    entries.append(FeatureEntry(file, item.number - conf.shift, cat.name, item.name.strip(), code))
+        for _number, target, cat in conf.includes:
+            # Asterisk reads a relative #include from its config directory: the one
+            # features.conf is in, for the usual /etc/asterisk layout
+            included = Path(target) if Path(target).is_absolute() else file.parent / target
+            matches = sorted(included.parent.glob(included.name)) if "*" in included.name else [included]
+            for match in matches:
+                visit(match, cat, depth + 1)
+
+    visit(path, None, 0)
+    return entries, ours, problems
+
+
+def _clash(a: str, b: str) -> str | None:
+    if a == b:
+        return "the same code"
+    if a.startswith(b) or b.startswith(a):
+        return "one is a prefix of the other"
+    return None
+
+
+def _check_features_conf(cfg: Config, path: Path) -> tuple[list[str], list[str]]:
+    key = "dialplan.existing_features_conf"
+    if not path.is_file():
+        return [f"{key}: {path} does not exist; point it (or --features-conf) at Asterisk's features.conf"], []
+    entries, ours, problems = read_features_conf(path)
+    problems = [f"{key}: {p}" for p in problems]
+    notes = []
+    features = cfg.features()
+    names = {f.name for f in features}
+    clashes: list[str] = []
+    for entry in entries:
+        if entry.category == "applicationmap" and entry.name in names:
+            clashes.append(
+                f"{entry.where()} defines calmline's own feature by hand; remove it and "
+                f"`#include calmline-features.conf` at the end of features.conf instead"
+            )
+            continue
+        for feature in features:
+            why = _clash(entry.code, feature.code)
+            if why:
+                clashes.append(
+                    f"{entry.where()} clashes with {feature.key} = {feature.code!r} ({why}): Asterisk "
+                    f"would run the wrong feature or wait for more digits; change {feature.key} "
+                    f"(or that entry) so neither code starts the other"
+                )
+    problems += clashes
+    if ours:
+        notes.append(f"{path} includes calmline's {', '.join(ours)}")
+    else:
+        problems.append(
+            f"{key}: {path} does not include calmline-features.conf, so Asterisk never loads "
+            f"calmline's codes; add `#include calmline-features.conf` at its end, then "
+            f"`module reload features`"
+        )
+    if not clashes:
+        notes.append(f"no code in {path} clashes with calmline's ({len(entries)} entries read)")
+    return problems, notes
+
+
+# --- a running Asterisk, over AMI ---------------------------------------------
+
+
+def _command_lines(response) -> list[str]:
+    """Output lines of an AMI `Command` action, as pyst2 hands them over.
+
+    Asterisk 22 sends each line as an `Output:` header (pyst2 keeps only the last one in
+    `headers`, and `data` is empty); older Asterisks sent free text ending in
+    `--END COMMAND--` (in `data`). Read both from the raw lines.
+    """
+    lines = []
+    for raw in response.response:
+        text = raw.rstrip("\r\n")
+        if text.startswith("Output:"):
+            lines.append(text[len("Output:"):].removeprefix(" "))
+    if not lines and response.data:
+        lines = [line for line in response.data.replace("--END COMMAND--", "").splitlines()]
+    return lines
+
+
+_DYNAMIC_ROW = re.compile(r"^(\S+)\s+(no def|\S+)\s+(\S+)?\s*$")
+
+
+def parse_features_show(lines: list[str]) -> dict[str, str]:
+    """Dynamic feature name -> current code, from the `features show` CLI output."""
+    loaded: dict[str, str] = {}
+    in_dynamic = False
+    for line in lines:
+        if line.startswith("Dynamic Feature"):
+            in_dynamic = True
+            continue
+        if not in_dynamic or line.startswith("---"):
+            continue
+        if not line.strip() or line.startswith("Feature Groups"):
+            break
+        if match := _DYNAMIC_ROW.match(line):
+            loaded[match.group(1)] = match.group(3) or ""
+    return loaded
+
+
+def _ami_features_show(host: str, port: int, user: str, secret: str) -> list[str]:
+    """Log in with pyst2's Manager, run `features show`, return its output lines."""
+    from asterisk.manager import Manager
+
+    manager = Manager()
+    try:
+        manager.connect(host, port)
+        manager.login(user, secret)
+        response = manager.command("features show")
+        if response.get_header("Response") == "Error":
+            raise PermissionError(response.get_header("Message") or "the Command action was refused")
+        return _command_lines(response)
+    finally:
+        manager.close()  # logs off itself: calling logoff() too would make it raise
+
+
+def _check_ami(cfg: Config, host: str, port: int, user: str | None, secret: str | None,
+               timeout: float = AMI_TIMEOUT) -> tuple[list[str], list[str]]:
+    if not user:
+        return ["--ami-user: the AMI user is missing (a [user] of manager.conf with `write = command`)"], []
+    if secret is None:
+        return [f"--ami-secret: the AMI secret is missing; pass --ami-secret or set {AMI_SECRET_ENV}"], []
+    where = f"{host}:{port}"
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout, 3.0)):
+            pass
+    except OSError as exc:
+        return [
+            f"--ami-host/--ami-port: cannot connect to AMI at {where} ({exc.strerror or exc}); "
+            f"enable it in manager.conf ([general] enabled = yes, port, bindaddr) or fix the options"
+        ], []
+
+    result: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            result["lines"] = _ami_features_show(host, port, user, secret)
+        except BaseException as exc:  # reported below, in the caller's thread
+            result["error"] = exc
+
+    worker = threading.Thread(target=work, name="calmline-check-ami", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        return [
+            f"--ami-host/--ami-port: {where} did not complete an AMI greeting, login and `features show` "
+            f"within {timeout:.0f}s; is it Asterisk's AMI port (manager.conf [general] port)?"
+        ], []
+    error = result.get("error")
+    if error is not None:
+        from asterisk.manager import ManagerAuthException
+
+        if isinstance(error, ManagerAuthException):
+            return [
+                f"--ami-user/--ami-secret: AMI login to {where} as {user!r} failed ({error}); "
+                f"check the user's secret (and permit/deny) in manager.conf"
+            ], []
+        if isinstance(error, PermissionError):
+            return [
+                f"--ami-user: AMI user {user!r} may not run CLI commands ({error}); give it "
+                f"`write = command` (or `system`) in manager.conf, then `manager reload`"
+            ], []
+        return [f"--ami-host: AMI at {where} failed: {type(error).__name__}: {error}"], []
+
+    loaded = parse_features_show(result["lines"])  # type: ignore[arg-type]
+    problems, notes = _compare_loaded(cfg.features(), loaded, where)
+    return problems, notes
+
+
+def _compare_loaded(features: list[Feature], loaded: dict[str, str], where: str) -> tuple[list[str], list[str]]:
+    problems = []
+    for feature in features:
+        code = loaded.get(feature.name)
+        if code is None:
+            problems.append(
+                f"{feature.key}: Asterisk at {where} has no feature {feature.name} ({feature.code!r}) "
+                f"loaded; {RELOAD_FIX}"
+            )
+        elif code != feature.code:
+            problems.append(
+                f"{feature.key}: Asterisk at {where} has {feature.name} on {code!r}, the config says "
+                f"{feature.code!r}; {RELOAD_FIX}"
+            )
+    names = {f.name for f in features}
+    for name, code in sorted(loaded.items()):
+        if name.startswith("calmline_") and name not in names:
+            problems.append(
+                f"features.conf: Asterisk at {where} has {name} ({code!r}) loaded but this config "
+                f"does not enable it; {RELOAD_FIX}"
+            )
+    notes = [] if problems else [
+        f"Asterisk at {where} has all {len(features)} calmline features loaded with the configured codes"
+    ]
+    return problems, notes
+
+
+def run_checks(cfg: Config, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """Return (problems, notes) for everything that can be checked from here."""
+    problems: list[str] = []
+    notes: list[str] = ["config is valid"]
+
+    def add(result: tuple[list[str], list[str]]) -> None:
+        problems.extend(result[0])
+        notes.extend(result[1])
+
+    add(_check_prompts(cfg))
+    features_conf = getattr(args, "features_conf", None) or cfg.dialplan.existing_features_conf
+    if features_conf is not None:
+        add(_check_features_conf(cfg, Path(features_conf)))
+    if not getattr(args, "no_port", False):
+        add(_check_port(cfg))
+    ami_host = getattr(args, "ami_host", None)
+    if ami_host:
+        secret = getattr(args, "ami_secret", None)
+        if secret is None:
+            secret = os.environ.get(AMI_SECRET_ENV)
+        add(_check_ami(cfg, ami_host, getattr(args, "ami_port", 5038), getattr(args, "ami_user", None), secret))
+    return problems, notes

@@ -1,0 +1,252 @@
+"""The `calmline` command: serve, check, dialplan, prompts, outbox, audit, report.
+
+Exit statuses follow click's convention: 0 success, 1 a check or operation failed,
+2 a usage or configuration error (with one line per problem, naming the key and the fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from calmline import __version__
+from calmline import config as config_module
+from calmline.errors import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _load(args: argparse.Namespace) -> tuple[config_module.Config, str]:
+    cfg, source = config_module.load(args.config)
+    overrides = {}
+    if getattr(args, "host", None):
+        overrides["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        overrides["port"] = args.port
+    if overrides:
+        data = cfg.model_dump()
+        data["server"].update(overrides)
+        try:
+            cfg = config_module.Config.model_validate(data)
+        except config_module.ValidationError as exc:
+            raise ConfigError(config_module._problems("command line", exc)) from None
+    return cfg, source
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from calmline.service import serve
+
+    cfg, source = _load(args)
+    runner = asyncio.run
+    if not args.no_uvloop:
+        try:
+            import uvloop
+
+            runner = uvloop.run
+        except ImportError:
+            pass
+    runner(serve(cfg, source))
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from calmline.check import run_checks
+
+    cfg, source = _load(args)
+    problems, notes = run_checks(cfg, args)
+    for note in notes:
+        print(f"ok: {note}")
+    for problem in problems:
+        print(f"problem: {problem}")
+    if problems:
+        print(f"calmline check: {len(problems)} problem(s) in {source}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"calmline check: {source} is fine")
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from calmline.audit import read_events
+
+    cfg, _source = _load(args)
+    path = cfg.audit.database
+    if not path.exists():
+        print(f"calmline: no audit trail at {path} yet (audit.database)", file=sys.stderr)
+        return EXIT_FAILED
+    for event in read_events(path, linkedid=args.linkedid, limit=args.limit):
+        print(json.dumps(event, ensure_ascii=False))
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The supervisor's HTML report of the last --days days, from cfg.audit.database."""
+    import sqlite3
+    from datetime import datetime, timedelta, timezone
+
+    from calmline.report import build_report, render_html
+
+    cfg, _source = _load(args)
+    path = cfg.audit.database
+    if not path.is_file():
+        print(f"calmline: no audit trail at {path} (audit.database): nothing to report", file=sys.stderr)
+        return EXIT_FAILED
+    now = datetime.now(timezone.utc)
+    since = datetime.combine(now.date() - timedelta(days=args.days - 1), datetime.min.time(), timezone.utc)
+    try:
+        report = build_report(path, since=since, until=None, now=now)
+    except sqlite3.Error as exc:
+        print(f"calmline: cannot read the audit trail {path} (audit.database): {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    output = args.output
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        partial = output.with_name(output.name + ".partial")
+        partial.write_text(render_html(report), encoding="utf-8")
+        partial.replace(output)
+    except OSError as exc:
+        print(f"calmline: cannot write the report {output}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"wrote {output}: {len(report.calls)} call(s), {report.escalations} escalation(s) "
+          f"in the last {args.days} day(s)")
+    return EXIT_OK
+
+
+def cmd_dialplan(args: argparse.Namespace) -> int:
+    from calmline import dialplan
+
+    cfg, source = _load(args)
+    files = dialplan.render(cfg, source)
+    if args.output_dir is None:
+        for name, text in files.items():
+            print(f";;; ---- {name} ----")
+            print(text, end="")
+        return EXIT_OK
+    for path in dialplan.write(files, args.output_dir):
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+def cmd_prompts(args: argparse.Namespace) -> int:
+    from calmline import prompts
+
+    cfg, _source = _load(args)
+    languages = args.language or list(cfg.prompts.languages)
+    if args.prompts_command == "list":
+        for language, names in prompts.shipped_prompts().items():
+            for name in names:
+                print(f"{language}\t{name}")
+        return EXIT_OK
+    dest = args.dest or cfg.prompts.sounds_dir
+    result = prompts.install(dest, languages, force=args.force)
+    for path in result.copied:
+        print(f"installed {path}")
+    for path in result.skipped:
+        print(f"kept your own recording {path} (use --force to replace it)")
+    print(f"{len(result.copied)} installed, {len(result.kept)} already up to date, "
+          f"{len(result.skipped)} of your own kept")
+    return EXIT_OK
+
+
+def cmd_outbox(args: argparse.Namespace) -> int:
+    from calmline.audit import configure_console
+    from calmline.mail import OutboxWorker, outbox_report
+    from calmline.outbox import Outbox
+
+    cfg, _source = _load(args)
+    if not cfg.mail.outbox.exists():
+        print(f"outbox is empty (no file at {cfg.mail.outbox} yet; mail.outbox)")
+        return EXIT_OK
+    configure_console()
+    with Outbox(cfg.mail.outbox) as outbox:
+        if args.retry_now:
+            count = outbox.retry_now()
+            sent, failed = OutboxWorker(outbox, cfg.mail).deliver_due_now()
+            print(f"retried {count} message(s): {sent} sent, {failed} still failing")
+        print(outbox_report(outbox))
+        return EXIT_FAILED if args.retry_now and failed else EXIT_OK
+
+
+def _positive_days(text: str) -> int:
+    try:
+        days = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days") from None
+    if not 1 <= days <= 3660:
+        raise argparse.ArgumentTypeError("--days must be between 1 and 3660")
+    return days
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="calmline", description="Keypad codes for agents facing abusive callers, over FastAGI."
+    )
+    parser.add_argument("--version", action="version", version=f"calmline {__version__}")
+    parser.add_argument(
+        "-c", "--config", type=Path, default=None,
+        help="config file (default: config/calmline.toml if it exists, else embedded defaults)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the FastAGI service")
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check", help="validate config, codes, prompts, the port and (with AMI) Asterisk")
+    check.add_argument("--no-port", action="store_true", help="do not probe the service port")
+    check.add_argument("--ami-host", default=None, help="ask this Asterisk's AMI whether the features are loaded")
+    check.add_argument("--ami-port", type=int, default=5038)
+    check.add_argument("--ami-user", default=None)
+    check.add_argument("--ami-secret", default=None, help="or set CALMLINE_AMI_SECRET")
+    check.add_argument("--features-conf", type=Path, default=None,
+                       help="Asterisk's features.conf, checked for codes that clash with calmline's "
+                            "(default: dialplan.existing_features_conf)")
+    check.set_defaults(func=cmd_check)
+
+    dp = sub.add_parser("dialplan", help="render the features.conf and extensions.conf snippets")
+    dp.add_argument("--output-dir", type=Path, default=None,
+                    help="write calmline-features.conf and calmline-extensions.conf here (default: print)")
+    dp.set_defaults(func=cmd_dialplan)
+
+    pr = sub.add_parser("prompts", help="install the shipped prompts where Asterisk looks for sounds")
+    pr_sub = pr.add_subparsers(dest="prompts_command", required=True)
+    pr_install = pr_sub.add_parser("install", help="copy prompts to DEST/<lang>/calmline/")
+    pr_install.add_argument("--dest", type=Path, default=None, help="sounds directory (default: prompts.sounds_dir)")
+    pr_install.add_argument("--language", action="append", help="language (repeatable; default: prompts.languages)")
+    pr_install.add_argument("--force", action="store_true", help="replace recordings that differ from ours")
+    pr_list = pr_sub.add_parser("list", help="list the shipped prompts")
+    for p in (pr_install, pr_list):
+        p.set_defaults(func=cmd_prompts, language=None, dest=None, force=False)
+    pr_install.set_defaults(func=cmd_prompts)
+
+    ob = sub.add_parser("outbox", help="list callback mails pending or failed; --retry-now sends them now")
+    ob.add_argument("--retry-now", action="store_true", help="send pending and failed messages now")
+    ob.set_defaults(func=cmd_outbox)
+
+    audit = sub.add_parser("audit", help="print audit events as JSON lines")
+    audit.add_argument("--linkedid", help="only this call")
+    audit.add_argument("--limit", type=int, default=200)
+    audit.set_defaults(func=cmd_audit)
+
+    rep = sub.add_parser("report", help="write the supervisors' HTML report of escalations from the audit trail")
+    rep.add_argument("--days", type=_positive_days, default=30, help="how many days back, today included (default 30)")
+    rep.add_argument("--output", type=Path, default=Path("calmline-report.html"),
+                     help="the HTML file to write (default calmline-report.html)")
+    rep.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"calmline: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,410 @@
+"""Configuration: one TOML file, validated by pydantic models into one frozen `Config`.
+
+Every error names the file, the key (`warn.stages[1].prompt`) and what is allowed, so an
+admin can fix it without reading code. Relative paths are resolved against the directory
+the service runs in.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from calmline.errors import ConfigError
+
+DEFAULT_PATH = Path("config/calmline.toml")
+
+_DTMF = re.compile(r"^[0-9*#A-D]{1,8}$")
+_PROMPT = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
+_CONTEXT = re.compile(r"^[A-Za-z0-9_-]{1,79}$")
+_VARIABLE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+_DIAL_FORBIDDEN = re.compile(r"[,|$\{\}\[\]\"'\\;\s&]")
+_EMAIL = re.compile(r"^[^@\s<>,;\"]+@[^@\s<>,;\"]+$")
+_HEADERISH = re.compile(r"[\r\n\x00]")
+
+
+def _dtmf(value: str) -> str:
+    if not _DTMF.match(value):
+        raise ValueError("a DTMF code is 1-8 of 0-9 * # A-D, e.g. \"*1\"")
+    return value
+
+
+def _prompt(value: str) -> str:
+    if not _PROMPT.match(value) or ".." in value:
+        raise ValueError(
+            "a prompt is a sound name without extension, relative to Asterisk's sounds "
+            "directory, made of letters, digits, _ and - (e.g. \"calmline/warn-1\")"
+        )
+    return value
+
+
+def _context(value: str) -> str:
+    if not _CONTEXT.match(value):
+        raise ValueError("a dialplan context name is 1-79 of letters, digits, _ and -")
+    return value
+
+
+def _variable(value: str) -> str:
+    if not _VARIABLE.match(value):
+        raise ValueError("a channel variable name is upper-case letters, digits and _")
+    return value
+
+
+def _dial_target(value: str) -> str:
+    if not value or _DIAL_FORBIDDEN.search(value):
+        raise ValueError(
+            "a dial target is one channel such as \"PJSIP/2001\" or \"Local/2001@from-internal\"; "
+            "commas, pipes, quotes, spaces, ${...} and ; are not allowed (they would inject dialplan)"
+        )
+    if "/" not in value:
+        raise ValueError("a dial target names its technology, e.g. \"PJSIP/2001\"")
+    return value
+
+
+def _email(value: str) -> str:
+    if not _EMAIL.match(value):
+        raise ValueError("an e-mail address like \"team@example.com\"")
+    return value
+
+
+_LABEL = re.compile(r"^[A-Za-z0-9 .:'()/_+-]{1,80}$")
+
+
+def _label(value: str) -> str:
+    if not _LABEL.match(value) or value.strip() != value:
+        raise ValueError(
+            "a label is 1-80 letters, digits, spaces and . : ' ( ) / _ + - "
+            "(no commas, semicolons, quotes, $, {} or |: Asterisk would read them as dialplan)"
+        )
+    return value
+
+
+def _one_line(value: str) -> str:
+    if _HEADERISH.search(value):
+        raise ValueError("must be one line (no line breaks)")
+    return value
+
+
+DTMFCode = Annotated[str, AfterValidator(_dtmf)]
+Prompt = Annotated[str, AfterValidator(_prompt)]
+Context = Annotated[str, AfterValidator(_context)]
+Variable = Annotated[str, AfterValidator(_variable)]
+DialTarget = Annotated[str, AfterValidator(_dial_target)]
+Email = Annotated[str, AfterValidator(_email)]
+OneLine = Annotated[str, AfterValidator(_one_line)]
+Label = Annotated[str, AfterValidator(_label)]
+
+
+class Section(BaseModel):
+    """Unknown keys are errors: a typo must not silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(4573, ge=0, le=65535, description="0 picks a free port (for tests)")
+    max_sessions: int = Field(500, ge=1, le=100_000)
+    max_line_bytes: int = Field(16384, ge=1024, le=1_048_576)
+    environment_timeout: float = Field(5.0, gt=0, le=300)
+    answer_timeout: float = Field(300.0, gt=0, le=3600)
+    allow: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_allow(self) -> ServerConfig:
+        for i, entry in enumerate(self.allow):
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"allow[{i}] = {entry!r} is not an IP address or network (e.g. \"127.0.0.1\", \"10.0.0.0/24\")"
+                ) from None
+        return self
+
+    def allowed_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(entry, strict=False) for entry in self.allow]
+
+
+class AuditConfig(Section):
+    database: Path = Path("var/calmline-audit.sqlite3")
+    stdout: bool = True
+    synchronous: Literal["normal", "full"] = "full"
+
+
+class WarnStage(Section):
+    prompt: Prompt
+
+
+class WarnConfig(Section):
+    enabled: bool = True
+    code: DTMFCode = "*1"
+    stages: list[WarnStage] = Field(
+        default_factory=lambda: [
+            WarnStage(prompt="calmline/warn-1"),
+            WarnStage(prompt="calmline/warn-final"),
+        ],
+        min_length=1,
+        max_length=9,
+    )
+    after_last: Literal["repeat", "end"] = "repeat"
+    counter_variable: Variable = "CALMLINE_WARNINGS"
+
+
+class TransferTarget(Section):
+    """Where a transferred caller rings, and where it goes when nobody answers."""
+
+    code: DTMFCode
+    dial: DialTarget
+    ring_seconds: int = Field(20, ge=5, le=300)
+    prompt: Prompt
+    reason: Label
+    fallback: Literal["queue", "dial", "hangup"] = "queue"
+    fallback_queue: Context = "support"
+    fallback_dial: DialTarget | None = None
+    whisper: Prompt | None = None
+
+
+class ColleagueKeyedConfig(Section):
+    enabled: bool = True
+    code: DTMFCode = "*5"
+    prompt: Prompt = "calmline/enter-extension"
+    invalid_prompt: Prompt = "calmline/extension-invalid"
+    pattern: str = r"^[1-9][0-9]{1,5}$"
+    dial_template: str = "PJSIP/{ext}"
+    timeout_seconds: int = Field(6, ge=1, le=60)
+    max_digits: int = Field(6, ge=1, le=20)
+
+    @model_validator(mode="after")
+    def _check(self) -> ColleagueKeyedConfig:
+        try:
+            re.compile(self.pattern)
+        except re.error as exc:
+            raise ValueError(f"pattern is not a valid regular expression: {exc}") from None
+        if "{ext}" not in self.dial_template:
+            raise ValueError("dial_template must contain {ext}, e.g. \"PJSIP/{ext}\"")
+        _dial_target(self.dial_template.replace("{ext}", "100"))
+        return self
+
+
+class TransferConfig(Section):
+    enabled: bool = True
+    context: Context = "calmline-transfer"
+    caller_id_prefix: bool = True
+    supervisor: TransferTarget = TransferTarget(
+        code="*3",
+        dial="Local/supervisor@calmline-example-targets",
+        prompt="calmline/transfer-supervisor",
+        reason="abusive caller",
+        whisper="calmline/whisper-supervisor",
+    )
+    colleague: TransferTarget = TransferTarget(
+        code="*4",
+        dial="Local/colleague@calmline-example-targets",
+        prompt="calmline/transfer-colleague",
+        reason="caller needs another agent",
+    )
+    colleague_keyed: ColleagueKeyedConfig = ColleagueKeyedConfig()
+
+
+class EndConfig(Section):
+    enabled: bool = True
+    code: DTMFCode = "*9"
+    prompt: Prompt = "calmline/end"
+    reason: Label = "abusive caller: call ended by agent"
+    cdr_userfield: Label = "calmline:ended"
+
+
+class MailConfig(Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(25, ge=1, le=65535)
+    starttls: bool = False
+    username: str | None = None
+    password: str | None = None
+    password_env: Variable | None = None
+    timeout: float = Field(10.0, gt=0, le=300)
+    sender: Email = "calmline@localhost"
+    team_address: Email = "team@localhost"
+    subject: OneLine = "Callback request: {caller_number} ({reason})"
+    caller_email_variable: Variable = "CALMLINE_CALLER_EMAIL"
+    caller_subject: OneLine = "Following up on your call"
+    caller_template: str = (
+        "Hello {caller_name},\n\n"
+        "Thank you for calling. We ended today's call, and we would still like to help.\n"
+        "You can reply to this e-mail to continue in writing, or call us back whenever\n"
+        "you are ready to talk it through.\n\n"
+        "Kind regards,\nThe support team\n"
+    )
+    outbox: Path = Path("var/calmline-outbox.sqlite3")
+    retry_initial_seconds: float = Field(30.0, gt=0)
+    retry_max_seconds: float = Field(3600.0, gt=0)
+    max_attempts: int = Field(48, ge=1)
+
+    def resolved_password(self) -> str | None:
+        if self.password_env:
+            return os.environ.get(self.password_env)
+        return self.password
+
+
+class DialplanConfig(Section):
+    agent_context: Context = "calmline-agent"
+    moh_class: str | None = "default"
+    admin_context: Context = "calmline-admin"
+    admin_extension: str = "*78"
+    example_context: Context = "calmline-example-inbound"
+    example_queue: Context = "support"
+    existing_features_conf: Path | None = None
+    service_url: str = "agi://127.0.0.1:4573"
+
+
+class PromptsConfig(Section):
+    sounds_dir: Path = Path("/var/lib/asterisk/sounds")
+    languages: list[Annotated[str, AfterValidator(_context)]] = Field(
+        default_factory=lambda: ["en"], min_length=1
+    )
+
+
+class Feature(BaseModel):
+    """One keypad code: its features.conf name, DTMF, who runs it, and the service path."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    code: str
+    activate_on: Literal["peer", "self"]
+    path: str
+    key: str
+
+
+class Config(Section):
+    server: ServerConfig = ServerConfig()
+    audit: AuditConfig = AuditConfig()
+    warn: WarnConfig = WarnConfig()
+    transfer: TransferConfig = TransferConfig()
+    end: EndConfig = EndConfig()
+    mail: MailConfig = MailConfig()
+    dialplan: DialplanConfig = DialplanConfig()
+    prompts: PromptsConfig = PromptsConfig()
+
+    @model_validator(mode="after")
+    def _check_after_last(self) -> Config:
+        if self.warn.after_last == "end" and not self.end.enabled:
+            raise ValueError("warn.after_last = \"end\" needs [end] enabled = true")
+        features = self.features()
+        for a in features:
+            for b in features:
+                if a is not b and b.code.startswith(a.code):
+                    same = "is the same as" if a.code == b.code else "is a prefix of"
+                    raise ValueError(
+                        f"{a.key} = {a.code!r} {same} {b.key} = {b.code!r}: Asterisk would fire "
+                        f"the wrong feature or wait for more digits; give each action a code that "
+                        f"does not start another (e.g. *1, *3, *9)"
+                    )
+        return self
+
+    def features(self) -> list[Feature]:
+        """The keypad codes of the enabled actions: the one table the dialplan, the service
+        and `calmline check` all read."""
+        out: list[Feature] = []
+        if self.warn.enabled:
+            out.append(Feature(name="calmline_warn", code=self.warn.code, activate_on="peer",
+                               path="warn", key="warn.code"))
+        if self.transfer.enabled:
+            t = self.transfer
+            out.append(Feature(name="calmline_supervisor", code=t.supervisor.code, activate_on="peer",
+                               path="transfer/supervisor", key="transfer.supervisor.code"))
+            out.append(Feature(name="calmline_colleague", code=t.colleague.code, activate_on="peer",
+                               path="transfer/colleague", key="transfer.colleague.code"))
+            if t.colleague_keyed.enabled:
+                out.append(Feature(name="calmline_colleague_keyed", code=t.colleague_keyed.code,
+                                   activate_on="self", path="transfer/colleague-keyed",
+                                   key="transfer.colleague_keyed.code"))
+        if self.end.enabled:
+            out.append(Feature(name="calmline_end", code=self.end.code, activate_on="peer",
+                               path="end", key="end.code"))
+        return out
+
+    def prompt_names(self) -> list[str]:
+        """Every prompt the enabled actions can play, in a stable order."""
+        names = [stage.prompt for stage in self.warn.stages] if self.warn.enabled else []
+        if self.transfer.enabled:
+            for target in (self.transfer.supervisor, self.transfer.colleague):
+                names.append(target.prompt)
+                if target.whisper:
+                    names.append(target.whisper)
+            keyed = self.transfer.colleague_keyed
+            if keyed.enabled:
+                names += [keyed.prompt, keyed.invalid_prompt]
+        if self.end.enabled:
+            names.append(self.end.prompt)
+        return list(dict.fromkeys(names))
+
+
+def _location(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in {"function-after", "function-wrap"} or "[" in str(part):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _problems(source: str, exc: ValidationError) -> list[str]:
+    lines = []
+    for error in exc.errors():
+        key = _location(error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling, or remove it)"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        shown = error.get("input")
+        value = "" if error["type"] in {"missing", "extra_forbidden"} or isinstance(shown, dict) else f" (got {shown!r})"
+        lines.append(f"{source}: {key + ': ' if key else ''}{message}{value}")
+    return lines
+
+
+def parse(text: str, source: str = "<config>") -> Config:
+    """Validate TOML text; raise ConfigError whose lines name the source and the key."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: not valid TOML: {exc}"]) from None
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_problems(source, exc)) from None
+
+
+def load(path: Path | None = None) -> tuple[Config, str]:
+    """Load a config file; with no path, `config/calmline.toml` if present, else defaults.
+
+    Returns the config and a description of where it came from, for the log.
+    """
+    if path is None:
+        if not DEFAULT_PATH.exists():
+            return Config(), "embedded defaults"
+        path = DEFAULT_PATH
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such config file (use --config PATH, or create it from config/calmline.toml)"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read the config file: {exc}"]) from None
+    return parse(text, str(path)), str(path)

@@ -1,0 +1,133 @@
+"""Assembles a running service from a config: audit store, actions, listener.
+
+This is the one place that knows every part, so the parts themselves need not know
+each other; the CLI and the tests start the service through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import sys
+from dataclasses import dataclass
+from typing import TextIO
+
+from calmline.actions import Action, Registry
+from calmline.actions.end import End
+from calmline.actions.transfer import KeyedColleagueTransfer, Transfer, TransferResult
+from calmline.actions.warn import Warn
+from calmline.audit import AuditStore, AuditTrail, configure
+from calmline.config import Config
+from calmline.errors import ConfigError
+from calmline.mail import OutboxWorker
+from calmline.outbox import Outbox
+from calmline.server import FastAGIServer
+
+TRANSFER_RESULT_PATH = "transfer/result"
+
+
+def build_registry(config: Config, outbox: Outbox | None = None, worker: OutboxWorker | None = None) -> Registry:
+    """Register each enabled action at the path `Config.features()` gives it, explicitly."""
+    counter = config.warn.counter_variable
+    end = End(
+        config.end,
+        counter_variable=counter,
+        email_variable=config.mail.caller_email_variable,
+        outbox=outbox,
+        wake=worker.wake if worker else (lambda: None),
+    )
+    t = config.transfer
+    actions: dict[str, Action] = {
+        "calmline_warn": Warn(config.warn, end),
+        "calmline_supervisor": Transfer("supervisor", t.supervisor, t.context, counter),
+        "calmline_colleague": Transfer("colleague", t.colleague, t.context, counter),
+        "calmline_colleague_keyed": KeyedColleagueTransfer(t.colleague_keyed, t.colleague, t.context),
+        "calmline_end": end,
+    }
+    registry = Registry()
+    for feature in config.features():
+        registry.add(feature.path, actions[feature.name])
+    if t.enabled:
+        registry.add(TRANSFER_RESULT_PATH, TransferResult())
+    return registry
+
+
+@dataclass
+class Service:
+    config: Config
+    store: AuditStore
+    audit: AuditTrail
+    server: FastAGIServer
+    outbox: Outbox | None = None
+    worker: OutboxWorker | None = None
+    address: tuple[str, int] | None = None
+    _worker_task: asyncio.Task | None = None
+
+    async def start(self) -> tuple[str, int]:
+        cfg = self.config.server
+        try:
+            self.address = await self.server.start()
+        except OSError as exc:
+            raise ConfigError([
+                f"server.host/server.port: cannot listen on {cfg.host}:{cfg.port}: "
+                f"{exc.strerror or exc}; choose a free port or stop what is using it"
+            ]) from None
+        if self.worker is not None:
+            self._worker_task = asyncio.create_task(self.worker.run(), name="calmline-mail")
+        return self.address
+
+    async def stop(self, grace: float = 30.0) -> None:
+        await self.server.close(grace)
+        if self.worker is not None and self._worker_task is not None:
+            await self.worker.stop()
+            await self._worker_task
+        if self.outbox is not None:
+            self.outbox.close()
+        await asyncio.to_thread(self.store.close)
+
+
+def build(config: Config, *, stdout: TextIO | None = sys.stdout) -> Service:
+    """A service ready to `start()` inside a running event loop."""
+    store = AuditStore(
+        config.audit.database,
+        synchronous=config.audit.synchronous,
+        stdout=stdout if config.audit.stdout else None,
+    )
+    try:
+        store.open()
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError([
+            f"audit.database: cannot open {config.audit.database}: {exc}; "
+            f"point it at a file in a directory calmline can write"
+        ]) from None
+    configure(store)
+    audit = AuditTrail(store)
+    outbox = worker = None
+    if config.end.enabled:
+        try:
+            outbox = Outbox(config.mail.outbox)
+        except (OSError, sqlite3.Error) as exc:
+            store.close()
+            raise ConfigError([
+                f"mail.outbox: cannot open {config.mail.outbox}: {exc}; "
+                f"point it at a file in a directory calmline can write"
+            ]) from None
+        if config.mail.enabled:
+            worker = OutboxWorker(outbox, config.mail)
+    server = FastAGIServer(config, build_registry(config, outbox, worker), audit)
+    return Service(config, store, audit, server, outbox, worker)
+
+
+async def serve(config: Config, source: str) -> None:
+    """Run until SIGINT or SIGTERM, then drain sessions and flush the audit trail."""
+    service = build(config)
+    host, port = await service.start()
+    service.audit.event("service_started", config=source, host=host, port=port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    service.audit.event("service_stopping")
+    await service.stop()

@@ -1,0 +1,149 @@
+"""One FastAGI session: read the environment, find the action, run it, record the outcome.
+
+This is the boundary where every error is caught, exactly once: it becomes an audit
+outcome and the `CALMLINE_STATUS` variable the dialplan can branch on. The call's identity
+is bound to the log context here, once, so every event below carries it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from calmline.actions import ActionContext, CallIdentity, Registry
+from calmline import audit
+from calmline.audit import AuditTrail
+from calmline.channel import Channel
+from calmline.config import Config
+from calmline.errors import CalmlineError, ConnectionLost, Refused
+from calmline.protocol import AGIStream
+
+STATUS_VARIABLE = "CALMLINE_STATUS"
+_session_ids = itertools.count(1)
+_PROCESS = f"{os.getpid():x}"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """The path and query string Asterisk was asked for (`agi://host:port/PATH?QUERY`)."""
+
+    path: str
+    params: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_environment(cls, env: dict[str, str]) -> Request:
+        script = env.get("agi_network_script")
+        if script is None:
+            parts = urlsplit(env.get("agi_request", ""))
+            script = parts.path + ("?" + parts.query if parts.query else "")
+        path, _, query = script.partition("?")
+        params = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
+        return cls(path.strip("/"), params)
+
+
+class Session:
+    """Runs one connection from Asterisk through to its outcome."""
+
+    def __init__(
+        self,
+        stream: AGIStream,
+        *,
+        registry: Registry,
+        config: Config,
+        audit: AuditTrail,
+        peer: str,
+    ):
+        self._stream = stream
+        self._registry = registry
+        self._config = config
+        self._audit = audit
+        self._peer = peer
+
+    async def run(self) -> str:
+        """Serve the session; return its outcome. Never raises for anything Asterisk sends."""
+        started = time.perf_counter()
+        audit.clear()
+        audit.bind(
+            session=f"{_PROCESS}-{next(_session_ids)}", peer=self._peer
+        )
+        try:
+            env = await self._stream.read_environment(self._config.server.environment_timeout)
+        except ConnectionLost:
+            # Nothing was asked (a port probe such as `calmline check`): not a problem.
+            self._audit.event("connection_closed_before_request")
+            await self._stream.close()
+            return "no_request"
+        except CalmlineError as exc:
+            self._audit.problem("session_rejected", outcome=exc.outcome, error=str(exc))
+            await self._stream.close()
+            return exc.outcome
+
+        request = Request.from_environment(env)
+        call = CallIdentity.from_environment(env)
+        audit.bind(
+            action=request.path,
+            uniqueid=call.uniqueid,
+            channel=call.channel,
+            caller_number=call.caller_number,
+            caller_name=call.caller_name,
+        )
+        action = self._registry.resolve(request.path)
+        channel = Channel(self._stream, call.channel, dead_ok=getattr(action, "dead_ok", False))
+        outcome, status, error = "completed", "ok", None
+        try:
+            if action is None:
+                raise Refused(
+                    f"no action at path {request.path!r}; "
+                    f"known paths: {', '.join(self._registry.paths()) or 'none'}"
+                )
+            values = await channel.snapshot(["CHANNEL(linkedid)", "BRIDGEPEER", *action.reads])
+            call = call.with_bridge(values["CHANNEL(linkedid)"], values["BRIDGEPEER"], action.runs_on)
+            audit.bind(
+                linkedid=call.linkedid, agent=call.agent_channel, caller_channel=call.caller_channel
+            )
+            self._audit.event("session_start", params=request.params or None)
+            context = ActionContext(
+                channel=channel,
+                call=call,
+                values=values,
+                params=request.params,
+                audit=self._audit,
+            )
+            outcome = await action.run(context) or "completed"
+        except CalmlineError as exc:
+            outcome, status, error = exc.outcome, exc.status, str(exc)
+        except Exception as exc:  # the boundary: a bug must not take the service down
+            outcome, status, error = "internal_error", "failed", f"{type(exc).__name__}: {exc}"
+            self._audit.problem("internal_error", exc_info=True)
+        finally:
+            await self._finish(channel, outcome, status, error, started)
+        return outcome
+
+    async def _finish(
+        self, channel: Channel, outcome: str, status: str, error: str | None, started: float
+    ) -> None:
+        fields: dict[str, Any] = {
+            "outcome": outcome,
+            "status": status,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+        if error:
+            fields["error"] = error
+            self._audit.problem("session_end", **fields)
+        else:
+            self._audit.event("session_end", **fields)
+        if error and channel.alive:
+            try:
+                await channel.verbose(f"calmline: {outcome}: {' '.join(error.split())}", 1)
+            except (CalmlineError, OSError):
+                pass  # the status below still matters more than the console line
+        try:
+            await channel.set_status(STATUS_VARIABLE, status)
+        except (CalmlineError, OSError):
+            pass  # the socket or channel is already gone; the outcome above says why
+        await self._stream.close()
+        audit.clear()
