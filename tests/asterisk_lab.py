@@ -77,6 +77,15 @@ exten => _[a-z].,1,Answer()
  same => n,Wait(${AGENT_HOLD})
  same => n,Hangup()
 
+; the admin's phone, re-recording a prompt: speaks (a stock prompt) after the tone, then #
+[sim-admin]
+exten => record,1,Answer()
+ same => n,Wait(6)
+ same => n,Playback(vm-goodbye)
+ same => n,SendDTMF(#)
+ same => n,Wait(12)
+ same => n,Hangup()
+
 [sim-targets]
 exten => answers,1,Answer()
  same => n,UserEvent(CalmlineLab,Where: target-answered,Target: ${EXTEN},CallerName: ${CALLERID(name)},Reason: ${CALMLINE_XFER_REASON})
@@ -389,6 +398,14 @@ class Lab:
         while _port_open(AMI_PORT) and time.monotonic() < deadline:
             time.sleep(0.1)
         self.lock.release()
+
+
+def caller_linkedid(events: list[dict[str, str]]) -> str:
+    """The linkedid of the call the lab's simulated caller placed, from AMI events."""
+    for e in events:
+        if e.get("Event") == "Newchannel" and e.get("Channel", "").startswith("Local/caller@sim-caller"):
+            return e["Linkedid"]
+    raise AssertionError("no caller channel seen")
 
 
 def copy_lab_log(lab: Lab, dest: Path) -> None:

@@ -6,15 +6,9 @@ import email
 import time
 
 import pytest
+from asterisk_lab import caller_linkedid
 
 pytestmark = pytest.mark.asterisk
-
-
-def caller_linkedid(events):
-    for e in events:
-        if e.get("Event") == "Newchannel" and e.get("Channel", "").startswith("Local/caller@sim-caller"):
-            return e["Linkedid"]
-    raise AssertionError("no caller channel seen")
 
 
 def read_csv(lab, name):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from asterisk_lab import caller_linkedid
 
 pytestmark = pytest.mark.asterisk
 
@@ -15,13 +16,6 @@ def lab_events(events, where):
 
 def steps(lab, linkedid):
     return [e for e in lab.audit_events() if e.get("linkedid") == linkedid and e.get("event") == "step"]
-
-
-def caller_linkedid(events):
-    for e in events:
-        if e.get("Event") == "Newchannel" and e.get("Channel", "").startswith("Local/caller@sim-caller"):
-            return e["Linkedid"]
-    raise AssertionError("no caller channel seen")
 
 
 def hangup_time(events, prefix):

