@@ -345,3 +345,28 @@ def test_module_reload_features_picks_up_a_rerendered_file(lab, tmp_path):
     assert "calmline_warn             no def  *1" in lab.cli("features show")
     assert _check_lab(lab, lab.config_path).returncode == 0
 
+
+
+def test_transfer_targets_missing_from_the_dialplan_are_named():
+    from calmline.config import Config as C
+
+    cfg = C.model_validate({"transfer": {"supervisor": {
+        "code": "*3", "dial": "Local/sup@nowhere", "prompt": "calmline/transfer-supervisor", "reason": "abusive caller"}}})
+    outputs = {
+        "dialplan show calmline-transfer": ["[ Context 'calmline-transfer' created by 'pbx_config' ]"],
+        "dialplan show sup@nowhere": ["There is no existence of 'sup@nowhere' extension"],
+    }
+    problems, _notes = check._compare_targets(cfg, outputs, "127.0.0.1:5038")
+    assert problems == [
+        "transfer.supervisor.dial: Asterisk at 127.0.0.1:5038 has no dialplan for 'sup@nowhere'; "
+        "point it at an extension that exists, or create it"
+    ]
+
+
+def test_a_password_variable_that_is_not_set_is_a_problem(tmp_path, monkeypatch):
+    monkeypatch.delenv("CALMLINE_TEST_SMTP_PASSWORD", raising=False)
+    cfg = Config.model_validate({"mail": {"username": "u", "password_env": "CALMLINE_TEST_SMTP_PASSWORD"}})
+    problems, _ = check._check_mail(cfg)
+    assert problems and problems[0].startswith("mail.password_env: CALMLINE_TEST_SMTP_PASSWORD is not set")
+    monkeypatch.setenv("CALMLINE_TEST_SMTP_PASSWORD", "s3cret")
+    assert check._check_mail(cfg)[0] == []

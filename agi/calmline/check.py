@@ -283,20 +283,55 @@ def parse_features_show(lines: list[str]) -> dict[str, str]:
     return loaded
 
 
-def _ami_features_show(host: str, port: int, user: str, secret: str) -> list[str]:
-    """Log in with pyst2's Manager, run `features show`, return its output lines."""
+def _ami_run(host: str, port: int, user: str, secret: str, commands: list[str]) -> dict[str, list[str]]:
+    """Log in with pyst2's Manager, run CLI commands, return each one's output lines."""
     from asterisk.manager import Manager
 
     manager = Manager()
     try:
         manager.connect(host, port)
         manager.login(user, secret)
-        response = manager.command("features show")
-        if response.get_header("Response") == "Error":
-            raise PermissionError(response.get_header("Message") or "the Command action was refused")
-        return _command_lines(response)
+        out = {}
+        for command in commands:
+            response = manager.command(command)
+            if response.get_header("Response") == "Error":
+                raise PermissionError(response.get_header("Message") or "the Command action was refused")
+            out[command] = _command_lines(response)
+        return out
     finally:
         manager.close()  # logs off itself: calling logoff() too would make it raise
+
+
+_LOCAL_TARGET = re.compile(r"^Local/([^@/]+)@([^/]+?)(?:/n)?$")
+
+
+def _target_commands(cfg: Config) -> dict[str, str]:
+    """`dialplan show` commands for what the transfers need, with the key each checks."""
+    if not cfg.transfer.enabled:
+        return {}
+    t = cfg.transfer
+    wanted = {f"dialplan show {t.context}": "transfer.context"}
+    for name, target in (("supervisor", t.supervisor), ("colleague", t.colleague)):
+        for key, dial in ((f"transfer.{name}.dial", target.dial), (f"transfer.{name}.fallback_dial", target.fallback_dial)):
+            match = _LOCAL_TARGET.match(dial or "")
+            if match:
+                wanted[f"dialplan show {match.group(1)}@{match.group(2)}"] = key
+    return wanted
+
+
+def _compare_targets(cfg: Config, outputs: dict[str, list[str]], where: str) -> tuple[list[str], list[str]]:
+    problems, checked = [], 0
+    for command, key in _target_commands(cfg).items():
+        lines = outputs.get(command, [])
+        if any("There is no existence" in line for line in lines):
+            what = command.removeprefix("dialplan show ")
+            fix = ("render and include calmline-extensions.conf, then `dialplan reload`"
+                   if key == "transfer.context" else "point it at an extension that exists, or create it")
+            problems.append(f"{key}: Asterisk at {where} has no dialplan for {what!r}; {fix}")
+        else:
+            checked += 1
+    notes = [f"Asterisk at {where} has the dialplan the transfers ring ({checked} checked)"] if checked and not problems else []
+    return problems, notes
 
 
 def _check_ami(cfg: Config, host: str, port: int, user: str | None, secret: str | None,
@@ -319,7 +354,7 @@ def _check_ami(cfg: Config, host: str, port: int, user: str | None, secret: str 
 
     def work() -> None:
         try:
-            result["lines"] = _ami_features_show(host, port, user, secret)
+            result["outputs"] = _ami_run(host, port, user, secret, ["features show", *_target_commands(cfg)])
         except BaseException as exc:  # reported below, in the caller's thread
             result["error"] = exc
 
@@ -347,9 +382,11 @@ def _check_ami(cfg: Config, host: str, port: int, user: str | None, secret: str 
             ], []
         return [f"--ami-host: AMI at {where} failed: {type(error).__name__}: {error}"], []
 
-    loaded = parse_features_show(result["lines"])  # type: ignore[arg-type]
+    outputs: dict[str, list[str]] = result["outputs"]  # type: ignore[assignment]
+    loaded = parse_features_show(outputs["features show"])
     problems, notes = _compare_loaded(cfg.features(), loaded, where)
-    return problems, notes
+    more, ok = _compare_targets(cfg, outputs, where)
+    return problems + more, notes + ok
 
 
 def _compare_loaded(features: list[Feature], loaded: dict[str, str], where: str) -> tuple[list[str], list[str]]:
@@ -379,6 +416,20 @@ def _compare_loaded(features: list[Feature], loaded: dict[str, str], where: str)
     return problems, notes
 
 
+def _check_mail(cfg: Config) -> tuple[list[str], list[str]]:
+    if not (cfg.end.enabled and cfg.mail.enabled):
+        return [], []
+    from calmline.mail import check_templates
+
+    problems = check_templates(cfg.mail)
+    if cfg.mail.password_env and cfg.mail.password_env not in os.environ:
+        problems.append(
+            f"mail.password_env: {cfg.mail.password_env} is not set in this environment; "
+            f"set it where calmline runs (e.g. the systemd unit's Environment=), or remove the key"
+        )
+    return problems, ([] if problems else ["mail templates and credentials are usable"])
+
+
 def run_checks(cfg: Config, args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """Return (problems, notes) for everything that can be checked from here."""
     problems: list[str] = []
@@ -389,6 +440,7 @@ def run_checks(cfg: Config, args: argparse.Namespace) -> tuple[list[str], list[s
         notes.extend(result[1])
 
     add(_check_prompts(cfg))
+    add(_check_mail(cfg))
     features_conf = getattr(args, "features_conf", None) or cfg.dialplan.existing_features_conf
     if features_conf is not None:
         add(_check_features_conf(cfg, Path(features_conf)))
