@@ -100,7 +100,8 @@ class AGIStream(asyncio.Protocol):
         self.hangup_noticed = False
         self._broken: str | None = None  # set once a read timed out: the stream is out of step
         self._deadline = 0.0
-        self._deadline_message = ""
+        self._deadline_what = ""  # what the pending read waits for: an env block or a command
+        self._deadline_seconds = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self.peer = "?"
 
@@ -171,7 +172,7 @@ class AGIStream(asyncio.Protocol):
 
     async def read_environment(self, timeout: float) -> dict[str, str]:
         """Read the `agi_key: value` block up to its empty line; refuse anything else."""
-        self._arm(timeout, "no complete environment block within {:g}s")
+        self._arm(timeout, "")
         try:
             while not self._buffer:
                 if self._broken:
@@ -224,13 +225,13 @@ class AGIStream(asyncio.Protocol):
         if transport is None or transport.is_closing():
             raise ConnectionLost("connection already closed")
         transport.write(line.encode() + b"\n")
-        self._arm(self._answer_timeout, "no answer to " + line.split(" ", 1)[0] + " within {:g}s")
+        self._arm(self._answer_timeout, line)
         try:
             return await self._read_answer(line)
         finally:
             self._deadline = 0.0
 
-    def _arm(self, seconds: float, message: str) -> None:
+    def _arm(self, seconds: float, command: str) -> None:
         """Set the deadline for the read about to start.
 
         One timer serves the whole session and is re-armed only when it fires early, so a
@@ -239,7 +240,8 @@ class AGIStream(asyncio.Protocol):
         which ends the pending read.
         """
         self._deadline = self._loop.time() + seconds
-        self._deadline_message = message.format(seconds)
+        self._deadline_what = command  # the message is built only if the deadline passes
+        self._deadline_seconds = seconds
         if self._timer is None or self._timer.when() > self._deadline:
             if self._timer is not None:
                 self._timer.cancel()
@@ -250,7 +252,11 @@ class AGIStream(asyncio.Protocol):
         if not self._deadline:
             return
         if self._loop.time() >= self._deadline:
-            self._broken = self._deadline_message
+            what = self._deadline_what
+            self._broken = (
+                f"no answer to {what.split(' ', 1)[0]} within {self._deadline_seconds:g}s" if what
+                else f"no complete environment block within {self._deadline_seconds:g}s"
+            )
             self._eof = True
             self._wake()
             if self._transport is not None:

@@ -282,9 +282,10 @@ def _rows(db_path: Path, since: datetime | None, until: datetime | None) -> Iter
 
 
 def _sessions(db_path: Path, since: datetime | None, until: datetime | None) -> list[_Session]:
-    """Events grouped into sessions. Session ids are `<pid>-<n>`, which a restarted service
-    (PID 1 in a container) reuses: a session is keyed by id *and* channel uniqueid, and a
-    second `session_start` or an event after `session_end` under one key begins a new one."""
+    """Events grouped into sessions. Session ids are `<random>-<n>` now, but older trails used
+    `<pid>-<n>`, which a restarted service (PID 1 in a container) reused: so a session is keyed
+    by id *and* channel uniqueid, and a second `session_start` or an event after `session_end`
+    under one key begins a new one."""
     open_sessions: dict[tuple[str, str], _Session] = {}
     done: list[_Session] = []
     for event in _rows(db_path, since, until):

@@ -24,7 +24,8 @@ from calmline.protocol import AGIStream
 
 STATUS_VARIABLE = "CALMLINE_STATUS"
 _session_ids = itertools.count(1)
-_PROCESS = f"{os.getpid():x}"
+# Unique across restarts too (a service restarted as PID 1 in a container reuses its PID).
+_PROCESS = os.urandom(3).hex()
 
 
 @dataclass(frozen=True, slots=True)
