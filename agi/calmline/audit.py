@@ -18,7 +18,6 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import datetime, timezone
 from pathlib import Path

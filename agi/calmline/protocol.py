@@ -29,7 +29,6 @@ _ANSWER = re.compile(
 # Every line of the block, in one pass in C: `agi_key: value` (the space is optional).
 _ENV_LINES = re.compile(r"^(agi_[a-z0-9_]+): ?([^\n]*)\n", re.MULTILINE)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*(\([A-Za-z0-9_,.-]*\))?$")
-_COMMAND_WORD = re.compile(r"^[A-Z][A-Z ]*[A-Z]$")
 _MAX_ENV_LINES = 200
 
 

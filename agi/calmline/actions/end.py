@@ -41,7 +41,7 @@ class End:
         self.reads = (counter_variable, email_variable)
 
     async def run(self, context: ActionContext) -> str:
-        cfg, channel, call = self._config, context.channel, context.call
+        cfg, channel = self._config, context.channel
         raw = context.values.get(self._counter, "")
         warnings = int(raw) if raw.isdigit() else 0
         missing_prompt: PromptMissing | None = None
