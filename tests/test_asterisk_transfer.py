@@ -52,8 +52,9 @@ def test_supervisor_transfer_rings_the_target_and_frees_the_agent(lab, exten):
     assert whisper
 
 
-def test_colleague_no_answer_falls_back(lab):
-    mark = lab.originate("colxfer", keys="*4", caller_hold=40, agent_hold=40)
+@pytest.mark.parametrize("exten", ["100", "200"], ids=["dial", "queue"])
+def test_colleague_no_answer_falls_back(lab, exten):
+    mark = lab.originate("colxfer" + exten, exten=exten, keys="*4", caller_hold=40, agent_hold=40)
     events = lab.ami.wait_idle(mark, timeout=70)
     linkedid = caller_linkedid(events)
     answered = lab_events(events, "target-answered")
