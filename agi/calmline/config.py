@@ -277,6 +277,10 @@ class PromptsConfig(Section):
     )
 
 
+# Not a keypad code: the rendered transfer context calls it when a transferred call ends.
+TRANSFER_RESULT_PATH = "transfer/result"
+
+
 class Feature(BaseModel):
     """One keypad code: its features.conf name, DTMF, who runs it, and the service path."""
 

@@ -24,6 +24,8 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from calmline.config import TRANSFER_RESULT_PATH
+
 CALLS_SHOWN = 500
 AGENTS_CHARTED = 30
 
@@ -68,7 +70,7 @@ _ESCALATION_PATHS = {
     "transfer/colleague": "colleague",
     "transfer/colleague-keyed": "colleague",
 }
-_RESULT_PATH = "transfer/result"
+_RESULT_PATH = TRANSFER_RESULT_PATH
 _AGENT_SUFFIX = re.compile(r"(?:-[0-9A-Fa-f]{8})?(?:;\d+)?$")
 # Controls, lone surrogates and bidi overrides: shown as visible escapes, never passed through.
 _UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")

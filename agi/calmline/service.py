@@ -18,13 +18,11 @@ from calmline.actions.end import End
 from calmline.actions.transfer import KeyedColleagueTransfer, Transfer, TransferResult
 from calmline.actions.warn import Warn
 from calmline.audit import AuditStore, AuditTrail, configure
-from calmline.config import Config
+from calmline.config import TRANSFER_RESULT_PATH, Config
 from calmline.errors import ConfigError
 from calmline.mail import OutboxWorker
 from calmline.outbox import Outbox
 from calmline.server import FastAGIServer
-
-TRANSFER_RESULT_PATH = "transfer/result"
 
 
 def build_registry(config: Config, outbox: Outbox | None = None, worker: OutboxWorker | None = None) -> Registry:
@@ -87,6 +85,10 @@ class Service:
         await asyncio.to_thread(self.store.close)
 
 
+def _unwritable(key: str, path: object, exc: Exception) -> ConfigError:
+    return ConfigError([f"{key}: cannot open {path}: {exc}; point it at a file in a directory calmline can write"])
+
+
 def build(config: Config, *, stdout: TextIO | None = sys.stdout) -> Service:
     """A service ready to `start()` inside a running event loop."""
     store = AuditStore(
@@ -97,10 +99,7 @@ def build(config: Config, *, stdout: TextIO | None = sys.stdout) -> Service:
     try:
         store.open()
     except (OSError, sqlite3.Error) as exc:
-        raise ConfigError([
-            f"audit.database: cannot open {config.audit.database}: {exc}; "
-            f"point it at a file in a directory calmline can write"
-        ]) from None
+        raise _unwritable("audit.database", config.audit.database, exc) from None
     configure(store)
     audit = AuditTrail(store)
     outbox = worker = None
@@ -109,10 +108,7 @@ def build(config: Config, *, stdout: TextIO | None = sys.stdout) -> Service:
             outbox = Outbox(config.mail.outbox)
         except (OSError, sqlite3.Error) as exc:
             store.close()
-            raise ConfigError([
-                f"mail.outbox: cannot open {config.mail.outbox}: {exc}; "
-                f"point it at a file in a directory calmline can write"
-            ]) from None
+            raise _unwritable("mail.outbox", config.mail.outbox, exc) from None
         if config.mail.enabled:
             worker = OutboxWorker(outbox, config.mail)
     server = FastAGIServer(config, build_registry(config, outbox, worker), audit)
