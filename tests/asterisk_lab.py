@@ -75,6 +75,9 @@ exten => _[a-z].,1,Answer()
  same => n,Wait(1)
  same => n,SendDTMF(${KEYS},250)
  same => n,Wait(${AGENT_HOLD})
+; a marker the tests order against: Asterisk does not order the Hangup events of the two
+; Local halves against the caller's BridgeLeave, but this event comes before all of them
+ same => n,UserEvent(CalmlineLab,Where: agent-hangs-up,Scen: ${EXTEN})
  same => n,Hangup()
 
 ; the admin's phone, re-recording a prompt: speaks (a stock prompt) after the tone, then #

@@ -62,11 +62,10 @@ class Call:
                 and e.get("Channel", "").startswith(CALLER)]
 
     def agent_phone_hangup(self) -> dict[str, str]:
-        """The agent's phone (the ;2 half of the agent's Local channel) hanging up: what ends
-        the call when the caller's leg is still there. (The ;1 half's own Hangup event may
-        come after the caller's BridgeLeave: Asterisk does not order those two.)"""
-        phone = self.agent[:-1] + "2"
-        return next(e for e in self.events if e.get("Event") == "Hangup" and e["Channel"] == phone)
+        """The agent's phone starting to hang up: what ends the call when the caller's leg is
+        still there. A dialplan marker, not a Hangup event: Asterisk orders neither Local
+        half's Hangup against the caller's BridgeLeave (CI saw the ;2 half's come after it)."""
+        return next(iter(self.lab_event("agent-hangs-up")))
 
     def index(self, event: dict[str, str]) -> int:
         return next(i for i, e in enumerate(self.events) if e is event)
