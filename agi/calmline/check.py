@@ -285,7 +285,7 @@ def parse_features_show(lines: list[str]) -> dict[str, str]:
 
 def _ami_run(host: str, port: int, user: str, secret: str, commands: list[str]) -> dict[str, list[str]]:
     """Log in with pyst2's Manager, run CLI commands, return each one's output lines."""
-    from asterisk.manager import Manager
+    from asterisk.manager import Manager, ManagerException
 
     manager = Manager()
     try:
@@ -299,7 +299,13 @@ def _ami_run(host: str, port: int, user: str, secret: str, commands: list[str]) 
             out[command] = _command_lines(response)
         return out
     finally:
-        manager.close()  # logs off itself: calling logoff() too would make it raise
+        try:
+            manager.close()  # logs off itself: calling logoff() too would make it raise
+        except (ManagerException, OSError, ValueError):
+            # Asterisk may already have dropped the connection (it does after a failed
+            # login), and pyst2 then fails to log off, with a socket error or a write to
+            # its closed file; that must not hide why the session ended.
+            pass
 
 
 _LOCAL_TARGET = re.compile(r"^Local/([^@/]+)@([^/]+?)(?:/n)?$")
