@@ -144,8 +144,7 @@ def _db_counts(path: str) -> dict:
 
 
 def _thread_cpu() -> dict[str, float]:
-    """CPU seconds per thread of this process (Linux /proc; 10 ms ticks): loop, audit writer."""
-    names = {t.native_id: t.name for t in threading.enumerate()}
+    """CPU seconds per thread of this process (Linux /proc; 10 ms ticks): loop, other."""
     main_id = threading.main_thread().native_id
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
@@ -159,13 +158,21 @@ def _thread_cpu() -> dict[str, float]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        name = names.get(int(tid), "other")
-        if int(tid) == main_id:
-            name = "loop"
-        elif name not in ("calmline-audit",):
-            name = "other"
+        name = "loop" if int(tid) == main_id else "other"
         out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
+
+
+def _process_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) of another process, from /proc (10 ms ticks)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _snapshot(kind: str, state: dict) -> dict:
@@ -174,6 +181,10 @@ def _snapshot(kind: str, state: dict) -> dict:
     if kind == "calmline":
         svc = state["service"]
         svc.store.flush(30.0)
+        # calmline's audit writer is a process of its own: its CPU is the server's too.
+        writer = _process_cpu(svc.store.writer_pid)
+        snap["cpu"] += writer
+        snap["threads"]["audit-writer"] = writer
         snap.update(_db_counts(str(svc.config.audit.database)))
         snap["commits"] = svc.store.commits
     return snap

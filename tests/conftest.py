@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import sys
 from pathlib import Path
 
@@ -28,8 +27,20 @@ def make_config(tmp_path: Path, **sections) -> Config:
     return Config.model_validate(data)
 
 
+class EchoFile:
+    """The JSON lines the audit writer echoed to the service's stdout (a real file)."""
+
+    def __init__(self, svc, path: Path):
+        self._svc = svc
+        self._path = path
+
+    def getvalue(self) -> str:
+        self._svc.store.flush()
+        return self._path.read_text(encoding="utf-8")
+
+
 class RunningService:
-    def __init__(self, svc, stdout: io.StringIO):
+    def __init__(self, svc, stdout: EchoFile):
         self.svc = svc
         self.stdout = stdout
 
@@ -50,13 +61,14 @@ def serving(tmp_path):
     @contextlib.asynccontextmanager
     async def serve(**sections):
         cfg = make_config(tmp_path, **sections)
-        stdout = io.StringIO()
-        svc = service_module.build(cfg, stdout=stdout)
-        await svc.start()
-        try:
-            yield RunningService(svc, stdout)
-        finally:
-            await svc.stop(grace=2.0)
+        echo = tmp_path / "stdout.jsonl"
+        with open(echo, "w", encoding="utf-8") as stdout:
+            svc = service_module.build(cfg, stdout=stdout)
+            await svc.start()
+            try:
+                yield RunningService(svc, EchoFile(svc, echo))
+            finally:
+                await svc.stop(grace=2.0)
 
     return serve
 

@@ -10,7 +10,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -73,19 +72,15 @@ def test_submitted_events_are_readable_by_another_connection_once_durable(trail_
 def test_step_does_not_return_before_its_event_is_committed(trail_store):
     async def main():
         store, trail = trail_store()
-        gate = threading.Event()
-        real_commit = store._commit
-
-        def held_commit(conn, batch):
-            gate.wait(5)
-            real_commit(conn, batch)
-
-        store._commit = held_commit
+        # Another connection holds the write lock, so the writer's commit has to wait for it.
+        blocker = sqlite3.connect(store.path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
         task = asyncio.create_task(trail.step("warning_played", warning=1))
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.3)
         held = not task.done()
         on_disk_while_held = rows(store.path)
-        gate.set()
+        blocker.execute("ROLLBACK")
+        blocker.close()
         await asyncio.wait_for(task, 5)
         return held, on_disk_while_held, rows(store.path)
 
@@ -141,6 +136,44 @@ def test_an_event_sqlite_cannot_store_does_not_wedge_the_trail(trail_store):
     found = run(main())
     assert [r[0] for r in found] == ["odd", "step"]
     assert json.loads(found[0][3])["agent"] == {"not": "a string"}  # the full event is kept in `data`
+
+
+def test_a_killed_writer_is_restarted_and_loses_nothing(trail_store, capfd):
+    """The writer process dies: what it had not acknowledged is sent again to a new one."""
+
+    async def main():
+        store, trail = trail_store()
+        await asyncio.wait_for(trail.step("before", n=0), 5)
+        first = store.writer_pid
+        os.kill(first, signal.SIGKILL)
+        # Events submitted while the writer is dead or restarting still become durable.
+        trail.event("while_dead")
+        await asyncio.wait_for(asyncio.gather(*(trail.step("after", n=i) for i in range(20))), 10)
+        return first, store.writer_pid, rows(store.path)
+
+    first, second, found = run(main())
+    assert second is not None and second != first
+    assert [r[0] for r in found].count("while_dead") == 1
+    assert sorted(json.loads(r[3])["n"] for r in found if r[2] == "after") == list(range(20))
+    assert [r[2] for r in found].count("before") == 1
+    assert "the audit writer exited with -9; restarting it" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("wait_for_loop", [True, False], ids=["noticed", "unnoticed"])
+def test_close_commits_what_a_dead_writer_left(trail_store, wait_for_loop):
+    async def main():
+        store, trail = trail_store()
+        pid = store.writer_pid
+        os.kill(pid, signal.SIGKILL)
+        if not wait_for_loop:
+            time.sleep(0.05)  # dead, and not yet noticed by the loop (it is blocked here)
+        else:
+            await asyncio.sleep(0.02)  # noticed: the restart is pending
+        trail.event("queued_while_dead")
+        store.close()
+        return rows(store.path)
+
+    assert [r[0] for r in run(main())] == ["queued_while_dead"]
 
 
 # --- kill -9 under load -----------------------------------------------------------------------

@@ -1,23 +1,31 @@
 """The audit trail: every event is a structlog event, stored durably and echoed as JSON.
 
-structlog's pipeline adds the call's identity (bound once per session in contextvars) and a
-timestamp; the last link hands the event to `AuditStore`, which appends it to SQLite (WAL)
-from a writer thread that commits in groups, and writes one JSON line to stdout for log
-shippers. `step()` returns only once its event is committed, so a step an action has moved
-past is on disk even if the process is killed; under load many sessions share one commit.
+structlog's pipeline runs in two stages. In the service, a bound logger captures each event
+with the call's identity (bound once per session in a contextvar) and the time; `AuditStore`
+ships the captured events, a batch per event-loop turn, to a writer process
+(`calmline.audit_writer`), which renders them (the same `_stamped` + JSON as everywhere),
+echoes one JSON line each to stdout for log shippers, and appends them to SQLite (WAL) in
+grouped commits, acknowledging each commit. `step()` returns only once its event is
+committed, so a step an action has moved past is on disk even if the service is killed.
+The writer is a process, not a thread, so rendering, SQLite and fsync never hold the event
+loop's GIL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import itertools
 import json
-import queue
+import marshal
+import os
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Awaitable
 from contextvars import ContextVar
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,8 +35,8 @@ import structlog
 
 _COLUMNS = ("ts", "event", "level", "session", "uniqueid", "linkedid", "action", "step",
             "outcome", "agent", "caller_number")
-# Only the JSON is written; SQLite derives the columns itself (in C, in the writer thread),
-# so the event loop pays for one json.dumps per event and nothing more.
+# Only the JSON is written; SQLite derives the columns itself (in C, in the writer),
+# so each event is encoded once and nothing more.
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS events (\n    id INTEGER PRIMARY KEY,\n    data TEXT NOT NULL"
     + "".join(f",\n    {c} TEXT GENERATED ALWAYS AS (json_extract(data, '$.{c}')) VIRTUAL" for c in _COLUMNS)
@@ -36,11 +44,10 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS events_ts ON events (ts);\n"
     "CREATE INDEX IF NOT EXISTS events_linkedid ON events (linkedid);\n"
 )
-_INSERT = "INSERT INTO events (data) SELECT value FROM json_each(?) ORDER BY key"
-_encode = json.JSONEncoder(default=str).encode  # built once: dumps(default=...) builds one per call
-_BATCH = 2000
-_LINGER = 0.05  # seconds an event nobody waits on may wait for company before its commit
-_STOP = object()
+INSERT = "INSERT INTO events (data) SELECT value FROM json_each(?) ORDER BY key"
+encode = json.JSONEncoder(default=str).encode  # built once: dumps(default=...) builds one per call
+_PIPE_SIZE = 1 << 20
+_RESTART_DELAYS = (0.05, 0.2, 1.0, 2.0)
 
 
 _CALL: ContextVar[dict[str, Any] | None] = ContextVar("calmline_call", default=None)
@@ -56,187 +63,66 @@ def clear() -> None:
     _CALL.set(None)
 
 
-def _passthrough(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+# --- the pipeline -------------------------------------------------------------------------
+
+
+def stamped(name: str, event: dict[str, Any], bound: dict[str, Any] | None, t: float) -> dict[str, Any]:
+    """The call's identity, the level and the time: what every stored or printed event carries."""
+    if bound:
+        event = {**bound, **event}
+    event["level"] = "warning" if name == "warn" else name
+    event["ts"] = datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="microseconds")
     return event
 
 
-class AuditStore:
-    """Appends events to SQLite from one writer thread, committing whatever has queued up.
+def render(record: tuple) -> str:
+    """One captured record as its stored JSON line (in the writer process)."""
+    if record[0] == "e":
+        _, name, event, bound, t = record
+        return encode(stamped(name, event, bound, t))
+    return encode(record[1])
 
-    `submit()` never blocks the event loop; `wait_durable(seq)` resolves once the event
-    numbered `seq` is committed. If the disk refuses a write, the batch is kept and retried,
-    never dropped.
+
+def _stamp(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """The console pipeline's stage: stamp the event here and now."""
+    if "exc_info" in event:
+        event = structlog.processors.format_exc_info(logger, name, event)
+    return stamped(name, event, _CALL.get(), time.time())
+
+
+def _capture(logger: Any, name: str, event: dict[str, Any]) -> tuple[tuple[tuple], dict]:
+    """The service pipeline's stage: keep what the writer needs to stamp and render it.
+
+    A traceback can only be formatted where the exception is, so that happens here.
     """
-
-    def __init__(self, path: Path, *, synchronous: str = "full", stdout: TextIO | None = None):
-        self.path = path
-        self._synchronous = synchronous.upper()
-        self._stdout = stdout
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._seq = itertools.count(1)
-        self._last_seq = 0
-        self._committed = 0  # as the event loop knows it (waiters released up to here)
-        self._durable = 0  # as the writer thread knows it: readable from any thread
-        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
-        self._tiebreak = itertools.count()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._error: str | None = None
-        self._urgent = threading.Event()
-        self.commits = 0
-
-    def open(self) -> None:
-        """Create the database and start the writer thread."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.executescript(_SCHEMA)
-        conn.close()
-        try:
-            self._loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._loop = None
-        self._thread = threading.Thread(target=self._writer, name="calmline-audit", daemon=True)
-        self._thread.start()
-
-    def submit(self, event: dict[str, Any]) -> int:
-        """Queue an event for the disk (and echo it); return its sequence number."""
-        seq = next(self._seq)
-        self._last_seq = seq
-        # ASCII-only JSON: whatever bytes a caller's network sent, the row always encodes.
-        data = _encode(event)
-        self._queue.put((seq, data))
-        if self._stdout is not None:
-            self._stdout.write(data + "\n")
-        return seq
-
-    async def wait_durable(self, seq: int) -> None:
-        """Return once event `seq` (and every event before it) is committed."""
-        if seq <= self._committed:
-            return
-        future = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (seq, next(self._tiebreak), future))
-        self._urgent.set()
-        await future
-
-    def _release(self, committed: int) -> None:
-        self._committed = committed
-        waiters = self._waiters
-        while waiters and waiters[0][0] <= committed:
-            future = heapq.heappop(waiters)[2]
-            if not future.done():
-                future.set_result(None)
-
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Block until everything submitted so far is committed (for shutdown and the CLI)."""
-        target = self._last_seq
-        self._urgent.set()
-        deadline = time.monotonic() + timeout
-        # `_durable`, not `_committed`: the latter is advanced by the event loop, which a
-        # caller inside that loop is blocking right now.
-        while self._durable < target and time.monotonic() < deadline:
-            time.sleep(0.002)
-        return self._durable >= target
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Commit what is queued, then stop the writer."""
-        if self._thread is None:
-            return
-        self._queue.put(_STOP)
-        self._urgent.set()
-        self._thread.join(timeout)
-        self._thread = None
-
-    def _writer(self) -> None:
-        conn = sqlite3.connect(self.path, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={self._synchronous}")
-        stop = False
-        while not stop:
-            batch = [self._queue.get()]
-            # Nobody waits on these yet (a session start, say): linger briefly so they share
-            # the commit of the step that will follow, instead of an fsync each.
-            if not self._urgent.is_set():
-                self._urgent.wait(_LINGER)
-            self._urgent.clear()
-            while len(batch) < _BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            if _STOP in batch:
-                stop = True
-                batch = [item for item in batch if item is not _STOP]
-            if not batch:
-                continue
-            self._commit(conn, batch)
-            committed = batch[-1][0]
-            self._durable = committed
-            if self._loop is not None and not self._loop.is_closed():
-                try:
-                    self._loop.call_soon_threadsafe(self._release, committed)
-                except RuntimeError:
-                    self._committed = committed
-            else:
-                self._committed = committed
-        conn.close()
-
-    def _commit(self, conn: sqlite3.Connection, batch: list[tuple[int, tuple]]) -> None:
-        delay = 0.05
-        while True:
-            try:
-                # One statement for the whole batch: SQLite splits the array itself, so the
-                # writer takes the GIL back once per batch rather than once per row.
-                with conn:
-                    conn.execute(_INSERT, ("[" + ",".join(data for _, data in batch) + "]",))
-                self.commits += 1
-                if self._error:
-                    sys.stderr.write(f"calmline: audit store writable again: {self.path}\n")
-                    self._error = None
-                return
-            except sqlite3.Error as exc:
-                if self._error != str(exc):
-                    self._error = str(exc)
-                    sys.stderr.write(
-                        f"calmline: cannot write the audit store {self.path}: {exc}; "
-                        f"keeping {len(batch)} events in memory and retrying\n"
-                    )
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+    if "exc_info" in event:
+        event = structlog.processors.format_exc_info(logger, name, event)
+    return (("e", name, event, _CALL.get(), time.time()),), {}
 
 
 class _StoreLogger:
-    """structlog's final link: hands the finished event to the store, returns its seq."""
+    """structlog's logger: hands the captured event to the store, returns its seq.
 
-    def __init__(self, store: AuditStore):
+    A durable logger marks its events urgent: their waiter follows at once.
+    """
+
+    def __init__(self, store: AuditStore, *, urgent: bool = False):
         self._store = store
+        self._urgent = urgent
 
-    def msg(self, **event: Any) -> int:
-        return self._store.submit(event)
+    def msg(self, record: tuple) -> int:
+        return self._store.submit_record(record, urgent=self._urgent)
 
     debug = info = warning = warn = error = critical = exception = msg
 
 
 _Wrapper = structlog.make_filtering_bound_logger(0)
-def _stamp(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
-    """The call's identity, the level and the time, in one processor (it runs per event)."""
-    bound = _CALL.get()
-    if bound:
-        event = {**bound, **event}
-    event["level"] = "warning" if name == "warn" else name
-    event["ts"] = datetime.now(timezone.utc).isoformat(timespec="microseconds")
-    if "exc_info" in event:
-        event = structlog.processors.format_exc_info(logger, name, event)
-    return event
-
-
-_PIPELINE = [_stamp]
 
 
 def configure(store: AuditStore) -> None:
     """Route every structlog event in this process (mail, outbox too) through the store."""
     structlog.configure(
-        processors=[*_PIPELINE, _passthrough],
+        processors=[_capture],
         wrapper_class=_Wrapper,
         logger_factory=lambda *_: _StoreLogger(store),
         cache_logger_on_first_use=False,
@@ -246,28 +132,378 @@ def configure(store: AuditStore) -> None:
 def configure_console(stream: TextIO = sys.stderr) -> None:
     """Without a store (CLI commands), events are JSON lines on stderr."""
     structlog.configure(
-        processors=[*_PIPELINE, structlog.processors.JSONRenderer(default=str)],
+        processors=[_stamp, structlog.processors.JSONRenderer(default=str)],
         wrapper_class=_Wrapper,
         logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
 
 
+# --- the store ----------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """`value` with anything marshal cannot carry turned into its str (as the JSON would)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def _frame(first: int, urgent: bool, records: list[tuple]) -> bytes:
+    try:
+        body = marshal.dumps((first, urgent, records))
+    except ValueError:
+        body = marshal.dumps((first, urgent, _plain(records)))
+    return len(body).to_bytes(4, "big") + body
+
+
+class AuditStore:
+    """The service's side of the audit trail: batches events to the writer process.
+
+    `submit_record()` never blocks the event loop (what the pipe does not take yet waits in
+    memory); `wait_durable(seq)` resolves once event `seq` is committed. Until the writer
+    acknowledges a batch it is kept, and sent again to a new writer if the writer dies.
+    The store is used from its event loop's thread; `flush()` alone may be called from any.
+    """
+
+    def __init__(self, path: Path, *, synchronous: str = "full", stdout: TextIO | None = None):
+        self.path = Path(path)
+        self._synchronous = synchronous.upper()
+        self._stdout = stdout
+        self._seq = 0
+        self._pending: list[tuple] = []
+        self._pending_urgent = False
+        self._scheduled = False
+        self._unacked: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._out = bytearray()  # what the pipe has not taken yet
+        self._acks = bytearray()
+        self._durable = 0
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._tiebreak = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._child: subprocess.Popen[bytes] | None = None
+        self._in_fd = -1
+        self._ack_fd = -1
+        self._closing = False
+        self._restarts = 0
+        self.commits = 0
+
+    @property
+    def writer_pid(self) -> int | None:
+        """The writer process's pid (for CPU accounting), while it runs."""
+        return self._child.pid if self._child is not None else None
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the database (so a bad path fails here, in words) and start the writer."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+        finally:
+            conn.close()
+        try:
+            self._loop = asyncio.get_running_loop()
+            self._loop_thread = threading.get_ident()
+        except RuntimeError:
+            self._loop = None
+        self._spawn()
+
+    def _echo_fd(self) -> int | None:
+        if self._stdout is None:
+            return None
+        self._stdout.flush()
+        try:
+            return self._stdout.fileno()
+        except (AttributeError, OSError, ValueError) as exc:
+            raise ValueError("the audit echo needs a stream with a file descriptor, such as sys.stdout") from exc
+
+    def _spawn(self, *, register: bool = True) -> None:
+        echo = self._echo_fd()
+        ack_r, ack_w = os.pipe()
+        package_root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)}
+        try:
+            self._child = subprocess.Popen(
+                [sys.executable, "-m", "calmline.audit_writer", str(self.path), self._synchronous,
+                 str(ack_w), "echo" if echo is not None else "quiet"],
+                stdin=subprocess.PIPE, stdout=echo if echo is not None else subprocess.DEVNULL,
+                pass_fds=(ack_w,), env=env,
+            )
+        finally:
+            os.close(ack_w)
+        self._ack_fd = ack_r
+        assert self._child.stdin is not None
+        self._in_fd = self._child.stdin.fileno()
+        try:
+            import fcntl
+
+            fcntl.fcntl(self._in_fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+        except (ImportError, AttributeError, OSError):
+            pass  # a smaller pipe only means more waiting in memory
+        if register and self._loop is not None and not self._loop.is_closed():
+            os.set_blocking(self._in_fd, False)
+            os.set_blocking(self._ack_fd, False)
+            self._loop.add_reader(self._ack_fd, self._on_ack)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Send what is queued, let the writer commit it, wait for it to exit.
+
+        A writer found dead here (killed, say) is replaced once, for what it did not commit.
+        """
+        if self._closing or (self._child is None and not self._unacked and not self._pending):
+            return
+        self._closing = True
+        self._send()
+        if self._child is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._ack_fd)
+            self._loop.remove_writer(self._in_fd)
+        for _attempt in range(2):
+            if self._child is None:
+                if not self._unacked:
+                    break
+                self._spawn(register=False)
+                self._out = bytearray(b"".join(frame for _, frame in self._unacked))
+            self._finish_child(timeout)
+            if self._durable >= self._seq:
+                break
+        if self._durable < self._seq:
+            sys.stderr.write(
+                f"calmline: the audit writer stopped with {self._seq - self._durable} events "
+                f"not committed to {self.path}\n"
+            )
+
+    def _finish_child(self, timeout: float) -> None:
+        """Hand the writer the rest, end its input, read its last acknowledgements."""
+        child = self._child
+        assert child is not None and child.stdin is not None
+        try:
+            os.set_blocking(self._in_fd, True)
+            if self._out:
+                os.write(self._in_fd, bytes(self._out))
+        except OSError:
+            pass  # the writer is gone; the caller sees what it did not acknowledge
+        self._out.clear()
+        try:
+            child.stdin.close()
+        except OSError:
+            pass
+        try:
+            child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        os.set_blocking(self._ack_fd, True)
+        while data := os.read(self._ack_fd, 65536):
+            self._take_acks(data)
+        os.close(self._ack_fd)
+        self._child = None
+
+    # --- submitting ------------------------------------------------------------------------
+
+    def submit(self, event: dict[str, Any], *, urgent: bool = False) -> int:
+        """Queue a finished event (its own `ts`, `level`...) for the disk; return its seq."""
+        return self.submit_record(("d", event), urgent=urgent)
+
+    def submit_record(self, record: tuple, *, urgent: bool = False) -> int:
+        """Queue a captured event; it is sent with the others of this event-loop turn."""
+        if self._closing:
+            sys.stderr.write(f"calmline: audit store closed, event not stored: {render(record)}\n")
+            return 0
+        self._seq += 1
+        self._pending.append(record)
+        if urgent:
+            self._pending_urgent = True
+        if not self._scheduled:
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                self._scheduled = True
+                loop.call_soon(self._send)
+            else:
+                self._send()
+        return self._seq
+
+    def _send(self, nudge: bool = False) -> None:
+        """Frame what is pending (a nudge: commit now even if nothing is) and write it."""
+        self._scheduled = False
+        records = self._pending
+        if records:
+            self._pending = []
+            frame = _frame(self._seq - len(records) + 1, self._pending_urgent or nudge, records)
+            self._pending_urgent = False
+            self._unacked.append((self._seq, frame))
+        elif nudge:
+            frame = _frame(self._seq + 1, True, [])
+        else:
+            return
+        self._write(frame)
+
+    def _write(self, data: bytes) -> None:
+        if self._child is None:
+            return
+        if not self._out:
+            try:
+                written = os.write(self._in_fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                return  # the writer died: its restart sends every unacknowledged batch
+            if written == len(data):
+                return
+            data = data[written:]
+            if self._loop is not None:
+                self._loop.add_writer(self._in_fd, self._drain)
+        self._out += data
+
+    def _drain(self) -> None:
+        try:
+            written = os.write(self._in_fd, self._out)
+        except BlockingIOError:
+            return
+        except OSError:
+            written = len(self._out)
+        del self._out[:written]
+        if not self._out and self._loop is not None:
+            self._loop.remove_writer(self._in_fd)
+
+    # --- acknowledgements -------------------------------------------------------------------
+
+    def _on_ack(self) -> None:
+        try:
+            data = os.read(self._ack_fd, 65536)
+        except BlockingIOError:
+            return
+        if data:
+            self._take_acks(data)
+        else:
+            self._writer_died()
+
+    def _take_acks(self, data: bytes) -> None:
+        acks = self._acks
+        acks += data
+        whole = len(acks) - len(acks) % 8
+        if not whole:
+            return
+        committed = int.from_bytes(acks[whole - 8:whole], "big")
+        self.commits += whole // 8
+        del acks[:whole]
+        self._durable = max(self._durable, committed)
+        unacked = self._unacked
+        while unacked and unacked[0][0] <= committed:
+            unacked.popleft()
+        self._release(self._durable)
+
+    def _release(self, committed: int) -> None:
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= committed:
+            future = heapq.heappop(waiters)[2]
+            if not future.done():
+                future.set_result(None)
+
+    def _writer_died(self) -> None:
+        assert self._loop is not None and self._child is not None
+        self._loop.remove_reader(self._ack_fd)
+        self._loop.remove_writer(self._in_fd)
+        os.close(self._ack_fd)
+        code = self._child.wait()
+        self._child = None
+        if self._closing:
+            return
+        delay = _RESTART_DELAYS[min(self._restarts, len(_RESTART_DELAYS) - 1)]
+        self._restarts += 1
+        sys.stderr.write(
+            f"calmline: the audit writer exited with {code}; restarting it in {delay:g}s and "
+            f"sending again the {self._seq - self._durable} events it had not committed\n"
+        )
+        self._loop.call_later(delay, self._restart)
+
+    def _restart(self) -> None:
+        if self._closing:
+            return
+        self._out.clear()
+        self._acks.clear()
+        self._spawn()
+        for _, frame in self._unacked:
+            self._write(frame)
+        if self._waiters:
+            self._send(nudge=True)
+
+    # --- waiting ----------------------------------------------------------------------------
+
+    def wait_for(self, seq: int) -> Awaitable[None]:
+        """A future for event `seq`'s commit; the event must have been submitted urgent."""
+        future = self._loop.create_future() if self._loop is not None else asyncio.get_running_loop().create_future()
+        if seq <= self._durable:
+            future.set_result(None)
+        else:
+            heapq.heappush(self._waiters, (seq, next(self._tiebreak), future))
+        return future
+
+    async def wait_durable(self, seq: int) -> None:
+        """Return once event `seq` (and every event before it) is committed."""
+        if seq <= self._durable:
+            return
+        future = self.wait_for(seq)
+        self._send(nudge=True)
+        await future
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Block until everything submitted so far is committed (for shutdown, CLI, tests)."""
+        target = self._seq
+        deadline = time.monotonic() + timeout
+        if self._loop is not None and threading.get_ident() != self._loop_thread:
+            self._loop.call_soon_threadsafe(self._send, True)
+            while self._durable < target and time.monotonic() < deadline:
+                time.sleep(0.002)
+            return self._durable >= target
+        # On the loop's own thread (or without a loop) nobody else reads the acks: read here.
+        import select
+
+        self._send(nudge=True)
+        while self._durable < target and self._child is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            readable, writable, _ = select.select([self._ack_fd], [self._in_fd] if self._out else [], [], remaining)
+            if writable:
+                self._drain()
+            if readable:
+                try:
+                    data = os.read(self._ack_fd, 65536)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    break
+                self._take_acks(data)
+        return self._durable >= target
+
+
 class AuditTrail:
     """What sessions and actions call: `event()` to record, `step()` to record durably.
 
-    It holds a logger bound to its store once, so the hot path skips structlog's lazy
+    It holds loggers bound to its store once, so the hot path skips structlog's lazy
     proxy and global configuration lookups on every event.
     """
 
     def __init__(self, store: AuditStore | None):
         self._store = store
         if store is not None:
-            self._log = structlog.wrap_logger(
-                _StoreLogger(store), processors=[*_PIPELINE, _passthrough], wrapper_class=_Wrapper
-            ).bind()
+            self._log = self._wrap(_StoreLogger(store))
+            self._durable_log = self._wrap(_StoreLogger(store, urgent=True))
         else:
-            self._log = structlog.get_logger("calmline.audit")
+            self._log = self._durable_log = structlog.get_logger("calmline.audit")
+
+    @staticmethod
+    def _wrap(logger: _StoreLogger) -> Any:
+        return structlog.wrap_logger(logger, processors=[_capture], wrapper_class=_Wrapper).bind()
 
     def event(self, event: str, **fields: Any) -> int:
         return self._log.info(event, **fields) or 0
@@ -277,9 +513,28 @@ class AuditTrail:
 
     async def step(self, step: str, **fields: Any) -> None:
         """Record that a step finished; return once the record is on disk."""
-        seq = self._log.info("step", step=step, **fields)
+        await self.record_step(step, **fields)
+
+    def record_step(self, step: str, **fields: Any) -> Awaitable[None]:
+        """Record that a step finished, now; await the result before acknowledging it.
+
+        For an action whose bookkeeping can go on while the commit is in flight: what it
+        must not do before awaiting is tell Asterisk (or anyone) that the step is done.
+        """
+        seq = self._durable_log.info("step", step=step, **fields)
         if self._store is not None and seq:
-            await self._store.wait_durable(seq)
+            return self._store.wait_for(seq)
+        return _DONE
+
+
+class _Done:
+    """An already-finished awaitable, for a trail without a store."""
+
+    def __await__(self):
+        yield from ()
+
+
+_DONE = _Done()
 
 
 def read_events(path: Path, *, linkedid: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:

@@ -82,7 +82,7 @@ class Service:
             await self._worker_task
         if self.outbox is not None:
             self.outbox.close()
-        await asyncio.to_thread(self.store.close)
+        self.store.close()
 
 
 def _unwritable(key: str, path: object, exc: Exception) -> ConfigError:

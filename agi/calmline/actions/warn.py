@@ -34,12 +34,14 @@ class Warn:
         index = min(stage, len(stages)) - 1
         prompt = stages[index].prompt
         await context.channel.stream_file(prompt)
-        await context.channel.set_variable(counter, str(stage))
-        await context.audit.step(
+        # The warning has been heard: record it now, and count it while the record commits.
+        durable = context.audit.record_step(
             "warning_played",
             warning=stage,
             final=index == len(stages) - 1,
             repeated=stage > len(stages),
             prompt=prompt,
         )
+        await context.channel.set_variable(counter, str(stage))
+        await durable
         return "completed"

@@ -1,0 +1,124 @@
+"""The audit trail's writer process: render, echo and commit the service's events in groups.
+
+The service starts it with `python -m calmline.audit_writer DATABASE SYNCHRONOUS ACK_FD
+echo|quiet` and writes frames to its stdin: a 4-byte length, then a marshalled
+`(first_seq, urgent, records)`. Each record is rendered to its JSON line (echoed on stdout
+when asked) and appended to SQLite; after each commit the highest committed seq goes back
+on ACK_FD as 8 bytes. It commits at once for an urgent frame (someone waits), otherwise
+after a short linger so that events share a commit. It exits when stdin ends, whether the
+service closed it or died, once everything it received is committed.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import select
+import signal
+import sqlite3
+import sys
+import time
+
+from calmline.audit import INSERT, render
+
+LINGER = 0.05  # seconds an event nobody waits on may wait for company before its commit
+
+
+class Writer:
+    def __init__(self, path: str, synchronous: str, ack_fd: int, echo: bool):
+        self.path = path
+        self.ack_fd = ack_fd
+        self.echo = echo
+        # Autocommit: a batch is one INSERT statement, atomic on its own.
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute(f"PRAGMA synchronous={synchronous}")
+        self.rows: list[str] = []
+        self.last = 0  # the seq of the last row in `rows`
+        self.urgent = False
+        self.deadline = 0.0
+        self.error: str | None = None
+
+    def take(self, buffer: bytearray) -> None:
+        """Render every whole frame in `buffer` and drop it from there."""
+        lines: list[str] = []
+        while len(buffer) >= 4:
+            size = int.from_bytes(buffer[:4], "big")
+            if len(buffer) < 4 + size:
+                break
+            first, urgent, records = marshal.loads(bytes(buffer[4:4 + size]))
+            del buffer[:4 + size]
+            if records:
+                if not self.rows:
+                    self.deadline = time.monotonic() + LINGER
+                lines.extend(render(record) for record in records)
+                self.last = first + len(records) - 1
+            self.urgent = self.urgent or urgent
+        if lines:
+            self.rows.extend(lines)
+            if self.echo:
+                os.write(1, "".join(line + "\n" for line in lines).encode())
+
+    def due(self) -> bool:
+        return bool(self.rows) and (self.urgent or time.monotonic() >= self.deadline)
+
+    def commit(self) -> None:
+        """Commit the rows (retrying while the disk refuses) and acknowledge them."""
+        delay = 0.05
+        while True:
+            try:
+                self.conn.execute(INSERT, ("[" + ",".join(self.rows) + "]",))
+                break
+            except sqlite3.Error as exc:
+                if self.error != str(exc):
+                    self.error = str(exc)
+                    sys.stderr.write(
+                        f"calmline: cannot write the audit store {self.path}: {exc}; "
+                        f"keeping {len(self.rows)} events and retrying\n"
+                    )
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if self.error:
+            sys.stderr.write(f"calmline: audit store writable again: {self.path}\n")
+            self.error = None
+        self.rows = []
+        self.urgent = False
+        os.write(self.ack_fd, self.last.to_bytes(8, "big"))
+
+    def run(self) -> None:
+        buffer = bytearray()
+        while True:
+            timeout = None if not self.rows else max(0.0, self.deadline - time.monotonic())
+            if self.urgent and self.rows:
+                timeout = 0.0
+            readable, _, _ = select.select([0], [], [], timeout)
+            if readable:
+                data = os.read(0, 1 << 20)
+                if not data:
+                    break
+                buffer += data
+                self.take(buffer)
+                if not self.rows:
+                    self.urgent = False  # a nudge with nothing left to commit
+            if self.due():
+                self.commit()
+        if self.rows:
+            self.commit()
+        self.conn.close()
+
+
+def main(argv: list[str]) -> int:
+    path, synchronous, ack_fd, echo = argv
+    # The service decides when this process ends (by closing stdin); a Ctrl-C or a SIGTERM
+    # sent to the whole process group must not drop events it has not committed yet.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        Writer(path, synchronous, int(ack_fd), echo == "echo").run()
+    except BrokenPipeError:
+        return 1  # the service is gone and so is the acknowledgement pipe: nothing is waiting
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
