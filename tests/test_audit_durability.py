@@ -124,6 +124,18 @@ def test_flush_works_from_inside_the_running_loop(trail_store):
     assert [r[0] for r in found] == ["one", "two"]
 
 
+def test_flush_works_from_another_thread(trail_store):
+    async def main():
+        store, trail = trail_store()
+        trail.event("one")
+        ok = await asyncio.to_thread(store.flush, 3)
+        return ok, rows(store.path)
+
+    ok, found = run(main())
+    assert ok is True
+    assert [r[0] for r in found] == ["one"]
+
+
 def test_an_event_sqlite_cannot_store_does_not_wedge_the_trail(trail_store):
     """One odd field value must not block every later step from ever becoming durable."""
 
@@ -136,6 +148,20 @@ def test_an_event_sqlite_cannot_store_does_not_wedge_the_trail(trail_store):
     found = run(main())
     assert [r[0] for r in found] == ["odd", "step"]
     assert json.loads(found[0][3])["agent"] == {"not": "a string"}  # the full event is kept in `data`
+
+
+def test_a_field_marshal_cannot_carry_is_stored_as_its_text(trail_store):
+    """Events cross to the writer process marshalled; other objects arrive as their str()."""
+
+    async def main():
+        store, trail = trail_store()
+        trail.event("odd", path=Path("/var/spool/x"), error=ValueError("bad value"), n=3)
+        await asyncio.wait_for(trail.step("after"), 3)
+        return rows(store.path)
+
+    found = run(main())
+    odd = json.loads(found[0][3])
+    assert (odd["path"], odd["error"], odd["n"]) == ("/var/spool/x", "bad value", 3)
 
 
 def test_a_killed_writer_is_restarted_and_loses_nothing(trail_store, capfd):
