@@ -19,13 +19,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
+from callbacks import CALLER, make_request
 from structlog.testing import capture_logs
 
 from calmline import mail
@@ -40,12 +40,10 @@ from calmline.mail import (
     outbox_report,
     send,
 )
-from calmline.outbox import CallbackRequest, Outbox
+from calmline.outbox import Outbox
 
 TEAM = "team@example.org"
 SENDER = "calmline@example.org"
-CALLER = "bob@example.com"
-T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
 
 
 # --- a real SMTP server ------------------------------------------------------
@@ -151,24 +149,6 @@ def mail_cfg(server: SMTPServer, **overrides) -> MailConfig:
     )
     values.update(overrides)
     return MailConfig(**values)
-
-
-def make_request(key: str = "1714564800.17", **overrides) -> CallbackRequest:
-    fields = dict(
-        key=key,
-        created_at=T0,
-        caller_number="+15550100",
-        caller_name="Bob Example",
-        caller_email=CALLER,
-        agent="PJSIP/2001",
-        warnings=2,
-        reason="abusive caller: call ended by agent",
-        uniqueid="1714564800.17",
-        linkedid=key,
-        channel="PJSIP/trunk-00000011",
-    )
-    fields.update(overrides)
-    return CallbackRequest(**fields)
 
 
 @pytest.fixture

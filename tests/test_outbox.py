@@ -17,30 +17,11 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from callbacks import T0, make_request
 from structlog.testing import capture_logs
 
 from calmline.config import MailConfig
-from calmline.outbox import CallbackRequest, Outbox, backoff, caller_address
-
-T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
-
-
-def make_request(key: str = "1714564800.17", **overrides) -> CallbackRequest:
-    fields = dict(
-        key=key,
-        created_at=T0,
-        caller_number="+15550100",
-        caller_name="Bob Example",
-        caller_email="bob@example.com",
-        agent="PJSIP/2001",
-        warnings=2,
-        reason="abusive caller: call ended by agent",
-        uniqueid="1714564800.17",
-        linkedid=key,
-        channel="PJSIP/trunk-00000011",
-    )
-    fields.update(overrides)
-    return CallbackRequest(**fields)
+from calmline.outbox import Outbox, backoff, caller_address
 
 
 @pytest.fixture
