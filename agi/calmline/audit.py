@@ -45,7 +45,9 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS events_linkedid ON events (linkedid);\n"
 )
 INSERT = "INSERT INTO events (data) SELECT value FROM json_each(?) ORDER BY key"
-encode = json.JSONEncoder(default=str).encode  # built once: dumps(default=...) builds one per call
+# Built once (dumps(default=...) builds one per call); ASCII-only JSON, so whatever bytes a
+# caller's network sent, the row always encodes.
+encode = json.JSONEncoder(default=str).encode
 _PIPE_SIZE = 1 << 20
 _RESTART_DELAYS = (0.05, 0.2, 1.0, 2.0)
 
