@@ -90,6 +90,37 @@ def test_step_does_not_return_before_its_event_is_committed(trail_store):
     assert [(r[0], r[2]) for r in on_disk_after] == [("step", "warning_played")]
 
 
+def test_a_batch_the_store_refuses_halfway_is_retried_whole(trail_store, capfd):
+    """A commit that fails after some rows went in is rolled back and retried: no row twice."""
+
+    async def main():
+        store, trail = trail_store()
+        admin = sqlite3.connect(store.path, isolation_level=None)
+        admin.executescript(
+            "CREATE TABLE refuse (on_ INTEGER); INSERT INTO refuse VALUES (1);"
+            "CREATE TRIGGER refuse_second BEFORE INSERT ON event_rows "
+            "WHEN NEW.data LIKE '%second%' AND (SELECT count(*) FROM refuse) > 0 "
+            "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;"
+        )
+        trail.event("first")
+        trail.event("second")
+        task = asyncio.create_task(trail.step("third"))
+        await asyncio.sleep(0.4)
+        held = not task.done()
+        while_refused = rows(store.path)
+        admin.execute("DELETE FROM refuse")
+        admin.close()
+        await asyncio.wait_for(task, 5)
+        return held, while_refused, rows(store.path)
+
+    held, while_refused, after = run(main())
+    assert held and while_refused == []
+    assert [r[0] for r in after] == ["first", "second", "step"]
+    err = capfd.readouterr().err
+    assert "cannot write the audit store" in err and "refused by the test" in err
+    assert "keeping 3 events and retrying" in err and "audit store writable again" in err
+
+
 def test_group_commit_many_concurrent_steps_share_few_commits(trail_store):
     n = 500
 

@@ -249,7 +249,8 @@ def test_the_page_escapes_everything_from_the_audit(audit_db, tmp_path):
         for event in ("session_start", "session_end"):
             data = {"event": event, "ts": at(10, 11, 40).isoformat(), "session": "other-1", "action": "warn",
                     "linkedid": "S.1", "agent": ALICE, "caller_name": "bad\udc80byte", "outcome": "completed"}
-            conn.execute("INSERT INTO events (data) VALUES (?)", (json.dumps(data),))
+            conn.execute("INSERT INTO event_rows (data, ts, linkedid) VALUES (?, ?, ?)",
+                         (json.dumps(data), data["ts"], data["linkedid"]))
     conn.close()
     page = render_html(build_report(audit_db, since=SINCE, until=None, now=NOW))
     page.encode("utf-8")  # lone surrogates would make writing the file fail

@@ -3,7 +3,7 @@
 structlog's pipeline runs in two stages. In the service, a bound logger captures each event
 with the call's identity (bound once per session in a contextvar) and the time; `AuditStore`
 ships the captured events, a batch per event-loop turn, to a writer process
-(`calmline.audit_writer`), which renders them (the same `_stamped` + JSON as everywhere),
+(`calmline.audit_writer`), which renders them (the same `stamped()` + JSON as everywhere),
 echoes one JSON line each to stdout for log shippers, and appends them to SQLite (WAL) in
 grouped commits, acknowledging each commit. `step()` returns only once its event is
 committed, so a step an action has moved past is on disk even if the service is killed.
@@ -33,18 +33,21 @@ from typing import Any, TextIO
 
 import structlog
 
-_COLUMNS = ("ts", "event", "level", "session", "uniqueid", "linkedid", "action", "step",
-            "outcome", "agent", "caller_number")
-# Only the JSON is written; SQLite derives the columns itself (in C, in the writer),
-# so each event is encoded once and nothing more.
+# The JSON line is the event. `ts` and `linkedid` (what reads select on) are stored beside it
+# and indexed; the view `events` derives the other columns on read, so a write costs no
+# JSON parsing at all.
+_EXTRACTED = ("event", "level", "session", "uniqueid", "action", "step", "outcome", "agent",
+              "caller_number")
 _SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS events (\n    id INTEGER PRIMARY KEY,\n    data TEXT NOT NULL"
-    + "".join(f",\n    {c} TEXT GENERATED ALWAYS AS (json_extract(data, '$.{c}')) VIRTUAL" for c in _COLUMNS)
-    + "\n);\n"
-    "CREATE INDEX IF NOT EXISTS events_ts ON events (ts);\n"
-    "CREATE INDEX IF NOT EXISTS events_linkedid ON events (linkedid);\n"
+    "CREATE TABLE IF NOT EXISTS event_rows (\n    id INTEGER PRIMARY KEY,\n    data TEXT NOT NULL,\n"
+    "    ts TEXT,\n    linkedid TEXT\n);\n"
+    "CREATE INDEX IF NOT EXISTS event_rows_ts ON event_rows (ts);\n"
+    "CREATE INDEX IF NOT EXISTS event_rows_linkedid ON event_rows (linkedid);\n"
+    "CREATE VIEW IF NOT EXISTS events AS SELECT id, data, ts, linkedid"
+    + "".join(f", json_extract(data, '$.{c}') AS {c}" for c in _EXTRACTED)
+    + " FROM event_rows;\n"
 )
-INSERT = "INSERT INTO events (data) SELECT value FROM json_each(?) ORDER BY key"
+INSERT = "INSERT INTO event_rows (data, ts, linkedid) VALUES (?, ?, ?)"
 # Built once (dumps(default=...) builds one per call); ASCII-only JSON, so whatever bytes a
 # caller's network sent, the row always encodes.
 encode = json.JSONEncoder(default=str).encode
@@ -78,11 +81,53 @@ def stamped(name: str, event: dict[str, Any], bound: dict[str, Any] | None, t: f
 
 
 def render(record: tuple) -> str:
-    """One captured record as its stored JSON line (in the writer process)."""
+    """One captured record as its JSON line: the reference `Renderer` must agree with."""
     if record[0] == "e":
         _, name, event, bound, t = record
         return encode(stamped(name, event, bound, t))
     return encode(record[1])
+
+
+class Renderer:
+    """Captured records as `INSERT` rows (JSON line, ts, linkedid), in the writer process.
+
+    The events of a session share its bound identity, so that part of the JSON is encoded
+    once and reused while it is unchanged; each line is exactly what `render()` gives.
+    """
+
+    def __init__(self, size: int = 4096):
+        self._bound: dict[Any, tuple[dict[str, Any], str]] = {}
+        self._levels: dict[str, str] = {}
+        self._size = size
+
+    def row(self, record: tuple) -> tuple[str, Any, Any]:
+        if record[0] != "e":
+            event = record[1]
+            return encode(event), _column(event.get("ts")), _column(event.get("linkedid"))
+        _, name, event, bound, t = record
+        if (not bound or not event or not bound.keys().isdisjoint(event)
+                or "ts" in bound or "level" in bound or "ts" in event or "level" in event):
+            event = stamped(name, event, bound, t)  # keys overlap: let the dict merge decide
+            return encode(event), event["ts"], _column(event.get("linkedid"))
+        key = bound.get("session")
+        cached = self._bound.get(key)
+        if cached is None or cached[0] != bound:
+            if len(self._bound) >= self._size:
+                self._bound.clear()
+            cached = self._bound[key] = (bound, encode(bound)[:-1])
+        level = self._levels.get(name)
+        if level is None:
+            level = self._levels[name] = encode("warning" if name == "warn" else name)
+        ts = datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="microseconds")
+        line = f'{cached[1]}, {encode(event)[1:-1]}, "level": {level}, "ts": "{ts}"}}'
+        return line, ts, _column(bound.get("linkedid"))
+
+
+def _column(value: Any) -> str | None:
+    """A column value SQLite binds whatever the event held (the JSON keeps the value itself)."""
+    if isinstance(value, str):
+        return value if value.isascii() else value.encode("utf-8", "replace").decode("utf-8")
+    return None if value is None else encode(value)
 
 
 def _stamp(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -142,6 +187,36 @@ def configure_console(stream: TextIO = sys.stderr) -> None:
 
 
 # --- the store ----------------------------------------------------------------------------
+
+
+def _upgrade(conn: sqlite3.Connection, path: Path) -> None:
+    """Move the rows of a store from an earlier calmline (an `events` table) into `event_rows`.
+
+    That table derived every column from the JSON as it was written; it is copied once, in
+    one transaction, and replaced by the view of the same name.
+    """
+    if not _old_layout(conn):
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if _old_layout(conn):  # another instance may have moved it meanwhile
+            count = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+            sys.stderr.write(f"calmline: moving the {count} events of {path} to the current table layout (once)\n")
+            conn.execute(_SCHEMA.split(";", 1)[0])
+            conn.execute(
+                "INSERT INTO event_rows (id, data, ts, linkedid) SELECT id, data, "
+                "json_extract(data, '$.ts'), json_extract(data, '$.linkedid') FROM events ORDER BY id"
+            )
+            conn.execute("DROP TABLE events")
+        conn.execute("COMMIT")
+    except Exception:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _old_layout(conn: sqlite3.Connection) -> bool:
+    found = conn.execute("SELECT type FROM sqlite_master WHERE name = 'events'").fetchone()
+    return found is not None and found[0] == "table"
 
 
 def _plain(value: Any) -> Any:
@@ -208,6 +283,7 @@ class AuditStore:
         conn = sqlite3.connect(self.path)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
+            _upgrade(conn, self.path)
             conn.executescript(_SCHEMA)
         finally:
             conn.close()

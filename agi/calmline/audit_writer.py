@@ -19,7 +19,7 @@ import sqlite3
 import sys
 import time
 
-from calmline.audit import INSERT, render
+from calmline.audit import INSERT, Renderer
 
 LINGER = 0.05  # seconds an event nobody waits on may wait for company before its commit
 
@@ -29,11 +29,12 @@ class Writer:
         self.path = path
         self.ack_fd = ack_fd
         self.echo = echo
-        # Autocommit: a batch is one INSERT statement, atomic on its own.
+        # Transactions are explicit: a batch is one, and a failed one is rolled back whole.
         self.conn = sqlite3.connect(path, isolation_level=None)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute(f"PRAGMA synchronous={synchronous}")
-        self.rows: list[str] = []
+        self.renderer = Renderer()
+        self.rows: list[tuple] = []  # INSERT parameters, one tuple per event
         self.last = 0  # the seq of the last row in `rows`
         self.urgent = False
         self.deadline = 0.0
@@ -41,7 +42,7 @@ class Writer:
 
     def take(self, buffer: bytearray) -> None:
         """Render every whole frame in `buffer` and drop it from there."""
-        lines: list[str] = []
+        lines: list[tuple] = []
         while len(buffer) >= 4:
             size = int.from_bytes(buffer[:4], "big")
             if len(buffer) < 4 + size:
@@ -51,13 +52,13 @@ class Writer:
             if records:
                 if not self.rows:
                     self.deadline = time.monotonic() + LINGER
-                lines.extend(render(record) for record in records)
+                lines.extend(map(self.renderer.row, records))
                 self.last = first + len(records) - 1
             self.urgent = self.urgent or urgent
         if lines:
             self.rows.extend(lines)
             if self.echo:
-                os.write(1, "".join(line + "\n" for line in lines).encode())
+                os.write(1, "".join(row[0] + "\n" for row in lines).encode())
 
     def due(self) -> bool:
         return bool(self.rows) and (self.urgent or time.monotonic() >= self.deadline)
@@ -67,9 +68,16 @@ class Writer:
         delay = 0.05
         while True:
             try:
-                self.conn.execute(INSERT, ("[" + ",".join(self.rows) + "]",))
+                self.conn.execute("BEGIN")
+                self.conn.executemany(INSERT, self.rows)
+                self.conn.execute("COMMIT")
                 break
             except sqlite3.Error as exc:
+                if self.conn.in_transaction:
+                    try:
+                        self.conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # SQLite already rolled back (a full disk, say): nothing to undo
                 if self.error != str(exc):
                     self.error = str(exc)
                     sys.stderr.write(

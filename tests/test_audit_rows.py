@@ -1,0 +1,147 @@
+"""What the audit writer stores: rows equal to the reference rendering, and old stores upgraded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+
+import pytest
+import structlog
+from conftest import run
+
+from calmline import audit
+from calmline.audit import AuditStore, AuditTrail, Renderer, configure, read_events, render
+
+T = 1795350788.123456
+CALL = {"session": "ab12cd-7", "peer": "127.0.0.1:40000", "action": "warn", "uniqueid": "1795350788.44",
+        "channel": "PJSIP/caller-00000001", "caller_number": "5551234", "caller_name": "Eve",
+        "linkedid": "1795350788.40", "agent": "PJSIP/agent-00000002"}
+
+RECORDS = [
+    ("e", "info", {"event": "session_start", "params": None}, CALL, T),
+    ("e", "info", {"event": "step", "step": "warning_played", "warning": 1, "final": False}, CALL, T + 1),
+    ("e", "warn", {"event": "prompt_missing", "prompt": "calmline/x"}, CALL, T + 2),
+    # The same session, its identity grown (bound again after the bridge was read).
+    ("e", "info", {"event": "session_end"}, {**CALL, "caller_channel": "PJSIP/caller-00000001"}, T + 3),
+    # Another session with the same session id (a restart): the cached identity must not leak.
+    ("e", "info", {"event": "session_end"}, {**CALL, "caller_name": "Mallory"}, T + 4),
+    # An event field that is also bound: the event's value wins, in the bound key's place.
+    ("e", "info", {"event": "x", "linkedid": "override", "action": "end"}, CALL, T),
+    # Fields that clash with what stamping adds.
+    ("e", "info", {"event": "x", "level": "custom", "ts": "then"}, CALL, T),
+    ("e", "info", {"event": "x"}, {**CALL, "ts": "bound-ts"}, T),
+    # Outside a session: nothing bound, or an empty binding.
+    ("e", "info", {"event": "mail_sent", "to": "a@example.org"}, None, T),
+    ("e", "info", {"event": "mail_sent"}, {}, T),
+    # Caller-supplied text that must stay inert: quotes, newlines, controls, non-ASCII.
+    ("e", "info", {"event": "x", "note": 'a"b\\c\n}{'}, {**CALL, "caller_name": '"}\n\u202e\x00é'}, T),
+    ("e", "info", {"event": "x", "nested": {"a": [1, 2.5, None, True]}}, CALL, T),
+    ("d", {"event": "finished", "ts": "2026-01-01T00:00:00+00:00", "linkedid": "L.1", "level": "info"}),
+]
+
+
+def test_every_row_is_the_reference_rendering():
+    renderer = Renderer(size=2)  # small, so the cache is also cleared on the way
+    for record in RECORDS * 2:
+        line, ts, linkedid = renderer.row(record)
+        assert line == render(record), record
+        event = json.loads(line)
+        assert (ts, linkedid) == (event["ts"], event.get("linkedid"))
+
+
+def test_column_values_are_always_bindable_and_the_json_keeps_the_original():
+    odd = [
+        ("d", {"event": "a", "ts": {"not": "text"}, "linkedid": ["x"]}),
+        ("d", {"event": "b", "ts": 5, "linkedid": "bad\udc80byte"}),
+        ("e", "info", {"event": "c"}, {"session": "s", "linkedid": 42}, T),
+    ]
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(audit._SCHEMA)
+    renderer = Renderer()
+    conn.executemany(audit.INSERT, [renderer.row(r) for r in odd])
+    rows = conn.execute("SELECT ts, linkedid, event, data FROM events ORDER BY id").fetchall()
+    assert rows[0][:3] == ('{"not": "text"}', '["x"]', "a")
+    assert rows[1][:3] == ("5", "bad?byte", "b")
+    assert rows[2][1:3] == ("42", "c")
+    assert json.loads(rows[0][3])["ts"] == {"not": "text"}
+    assert json.loads(rows[1][3])["linkedid"] == "bad\udc80byte"
+
+
+# The layout calmline used before `event_rows`: every column generated from the JSON.
+OLD_SCHEMA = (
+    "CREATE TABLE events (id INTEGER PRIMARY KEY, data TEXT NOT NULL"
+    + "".join(f", {c} TEXT GENERATED ALWAYS AS (json_extract(data, '$.{c}')) VIRTUAL"
+              for c in ("ts", "event", "level", "session", "uniqueid", "linkedid", "action", "step",
+                        "outcome", "agent", "caller_number"))
+    + ");\nCREATE INDEX events_ts ON events (ts);\nCREATE INDEX events_linkedid ON events (linkedid);\n"
+)
+
+
+def test_a_store_in_the_old_layout_is_moved_once_and_keeps_every_event(tmp_path, capfd):
+    path = tmp_path / "audit.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript(OLD_SCHEMA)
+    old = [{"event": "step", "step": "warning_played", "ts": f"2026-01-0{i}T00:00:00+00:00",
+            "linkedid": f"L.{i % 2}", "level": "info"} for i in range(1, 6)]
+    with conn:
+        conn.executemany("INSERT INTO events (data) VALUES (?)", [(json.dumps(e),) for e in old])
+    conn.close()
+
+    async def main():
+        store = AuditStore(path)
+        store.open()
+        configure(store)
+        try:
+            await asyncio.wait_for(AuditTrail(store).step("after_the_upgrade"), 5)
+        finally:
+            store.close()
+            structlog.reset_defaults()
+
+    run(main())
+    assert "moving the 5 events of" in capfd.readouterr().err
+    events = read_events(path)
+    assert [e["ts"] for e in events[:5]] == [e["ts"] for e in old]
+    assert events[5]["step"] == "after_the_upgrade"
+    assert [e["ts"] for e in read_events(path, linkedid="L.1")] == [old[0]["ts"], old[2]["ts"], old[4]["ts"]]
+    conn = sqlite3.connect(path)
+    try:
+        kinds = dict(conn.execute("SELECT name, type FROM sqlite_master WHERE name LIKE 'event%'"))
+        plan = " ".join(r[3] for r in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT data FROM events WHERE ts >= '2026-01-03'"))
+        ids = [r[0] for r in conn.execute("SELECT id FROM events ORDER BY id")]
+    finally:
+        conn.close()
+    assert kinds == {"events": "view", "event_rows": "table", "event_rows_ts": "index",
+                     "event_rows_linkedid": "index"}
+    assert "event_rows_ts" in plan
+    assert ids == list(range(1, 7))
+
+    # Opening it again finds nothing to move.
+    store = AuditStore(path)
+    store.open()
+    store.close()
+    assert "moving" not in capfd.readouterr().err
+    assert len(read_events(path)) == 6
+
+
+@pytest.mark.parametrize("name", ["event_rows_ts", "event_rows_linkedid"])
+def test_reads_by_time_and_by_call_use_an_index(tmp_path, name):
+    conn = sqlite3.connect(tmp_path / "a.sqlite3")
+    conn.executescript(audit._SCHEMA)
+    column = "ts" if name.endswith("ts") else "linkedid"
+    plan = " ".join(r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN SELECT data FROM events WHERE {column} = ?", ("x",)))
+    conn.close()
+    assert name in plan
+
+
+def test_the_view_derives_the_columns_the_report_filters_on(tmp_path):
+    path = tmp_path / "a.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript(audit._SCHEMA)
+    conn.executemany(audit.INSERT, [Renderer().row(r) for r in RECORDS[:3]])
+    got = conn.execute("SELECT event, level, step, session, uniqueid, action, agent, caller_number FROM events").fetchall()
+    conn.close()
+    assert got[1] == ("step", "info", "warning_played", CALL["session"], CALL["uniqueid"], "warn",
+                      CALL["agent"], CALL["caller_number"])
+    assert got[2][1] == "warning"
