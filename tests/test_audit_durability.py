@@ -216,6 +216,24 @@ def test_a_killed_writer_is_restarted_and_loses_nothing(trail_store, capfd):
     assert "the audit writer exited with -9; restarting it" in capfd.readouterr().err
 
 
+def test_a_writer_that_worked_again_is_restarted_without_a_growing_delay(trail_store, capfd):
+    """The delay grows only while restarted writers die before committing anything."""
+
+    async def main():
+        store, trail = trail_store()
+        for i in range(3):
+            await asyncio.wait_for(trail.step("alive", n=i), 5)
+            os.kill(store.writer_pid, signal.SIGKILL)
+            await asyncio.sleep(0.02)
+        await asyncio.wait_for(trail.step("alive", n=3), 5)
+        return rows(store.path)
+
+    found = run(main())
+    assert [json.loads(r[3])["n"] for r in found] == [0, 1, 2, 3]
+    err = capfd.readouterr().err
+    assert err.count("restarting it in 0.05s") == 3, err
+
+
 @pytest.mark.parametrize("wait_for_loop", [True, False], ids=["noticed", "unnoticed"])
 def test_close_commits_what_a_dead_writer_left(trail_store, wait_for_loop):
     async def main():

@@ -524,3 +524,50 @@ def test_a_real_browser_renders_the_empty_page(tmp_path, browser):
     dom = browser("--dump-dom", page.as_uri(), profile=tmp_path / "profile")
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "No escalations in this period" in dom.stdout and "<svg" not in dom.stdout
+
+
+def _audit_cli(tmp_path: Path, db: Path, *args: str) -> subprocess.CompletedProcess:
+    config = tmp_path / "calmline.toml"
+    config.write_text(f'[audit]\ndatabase = "{db}"\n', encoding="utf-8")
+    return subprocess.run([sys.executable, "-m", "calmline", "-c", str(config), "audit", *args],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+
+def test_audit_cli_prints_the_trail_and_one_call(tmp_path):
+    db = tmp_path / "live.sqlite3"
+    trail = Trail(db)
+    trail.session(at(9, 0, 0), "warn", linkedid="A.1", agent=ALICE, name=SCRIPT_NAME, steps=[warned(1)])
+    trail.session(at(9, 5, 0), "warn", linkedid="B.2", agent=ALICE, steps=[warned(1), warned(2)])
+    trail.close()
+    everything = _audit_cli(tmp_path, db)
+    assert everything.returncode == 0, everything.stderr
+    events = [json.loads(line) for line in everything.stdout.splitlines()]
+    assert {e["linkedid"] for e in events} == {"A.1", "B.2"}
+    assert [e["ts"] for e in events] == sorted(e["ts"] for e in events)
+    one = _audit_cli(tmp_path, db, "--linkedid", "B.2")
+    steps = [json.loads(line).get("step") for line in one.stdout.splitlines()]
+    assert one.returncode == 0 and steps.count("warning_played") == 2
+    assert all(json.loads(line)["linkedid"] == "B.2" for line in one.stdout.splitlines())
+    empty = tmp_path / "created-never-written.sqlite3"
+    empty.touch()
+    nothing = _audit_cli(tmp_path, empty)
+    assert (nothing.returncode, nothing.stdout, nothing.stderr) == (0, "", "")
+
+
+@pytest.mark.parametrize("command", ["audit", "report"])
+def test_cli_on_a_file_that_is_not_an_audit_trail_says_so(tmp_path, command):
+    bad = tmp_path / "not-sqlite.db"
+    bad.write_text("this is not a database\n" * 200, encoding="utf-8")
+    config = tmp_path / "calmline.toml"
+    config.write_text(f'[audit]\ndatabase = "{bad}"\n', encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "calmline", "-c", str(config), command],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 1
+    assert "cannot read the audit trail" in done.stderr and "audit.database" in done.stderr
+    assert "Traceback" not in done.stderr
+    missing = tmp_path / "nothing-here"
+    missing.mkdir()
+    config.write_text(f'[audit]\ndatabase = "{missing}"\n', encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "calmline", "-c", str(config), command],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 1 and "no audit trail at" in done.stderr and "Traceback" not in done.stderr

@@ -472,6 +472,7 @@ class AuditStore:
             return
         committed = int.from_bytes(acks[whole - 8:whole], "big")
         self.commits += whole // 8
+        self._restarts = 0  # this writer works: the next restart need not wait long
         del acks[:whole]
         self._durable = max(self._durable, committed)
         unacked = self._unacked
@@ -619,6 +620,8 @@ def read_events(path: Path, *, linkedid: str | None = None, limit: int = 1000) -
     """Events from the store, oldest first (for tests, `calmline audit` and reports)."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone() is None:
+            return []  # created, never written to
         if linkedid:
             rows = conn.execute(
                 "SELECT data FROM events WHERE linkedid = ? ORDER BY id LIMIT ?", (linkedid, limit)

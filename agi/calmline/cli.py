@@ -68,15 +68,35 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _audit_database(cfg: config_module.Config) -> Path | None:
+    """The audit store to read, or None once the admin has been told why there is none."""
+    path = cfg.audit.database
+    if path.is_file():
+        return path
+    print(f"calmline: no audit trail at {path} (audit.database): nothing has been recorded there; "
+          "check the path, or whether `calmline serve` runs with this config", file=sys.stderr)
+    return None
+
+
+def _unreadable(path: Path, exc: Exception) -> int:
+    print(f"calmline: cannot read the audit trail {path} (audit.database): {exc}", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
+    import sqlite3
+
     from calmline.audit import read_events
 
     cfg, _source = _load(args)
-    path = cfg.audit.database
-    if not path.exists():
-        print(f"calmline: no audit trail at {path} yet (audit.database)", file=sys.stderr)
+    path = _audit_database(cfg)
+    if path is None:
         return EXIT_FAILED
-    for event in read_events(path, linkedid=args.linkedid, limit=args.limit):
+    try:
+        events = read_events(path, linkedid=args.linkedid, limit=args.limit)
+    except sqlite3.Error as exc:
+        return _unreadable(path, exc)
+    for event in events:
         print(json.dumps(event, ensure_ascii=False))
     return EXIT_OK
 
@@ -89,17 +109,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     from calmline.report import build_report, render_html
 
     cfg, _source = _load(args)
-    path = cfg.audit.database
-    if not path.is_file():
-        print(f"calmline: no audit trail at {path} (audit.database): nothing to report", file=sys.stderr)
+    path = _audit_database(cfg)
+    if path is None:
         return EXIT_FAILED
     now = datetime.now(timezone.utc)
     since = datetime.combine(now.date() - timedelta(days=args.days - 1), datetime.min.time(), timezone.utc)
     try:
         report = build_report(path, since=since, until=None, now=now)
     except sqlite3.Error as exc:
-        print(f"calmline: cannot read the audit trail {path} (audit.database): {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _unreadable(path, exc)
     output = args.output
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
