@@ -361,10 +361,11 @@ def test_events_from_the_real_service_make_the_ladder(serving):
         ("Local/warnscn@sim-agent", 2, 1, 1)]
 
 
-def _cli(tmp_path: Path, db: Path, *args: str) -> subprocess.CompletedProcess:
+def _cli(tmp_path: Path, db: Path, command: str, *args: str) -> subprocess.CompletedProcess:
+    """`calmline COMMAND ARGS` with a config whose audit.database is `db`."""
     config = tmp_path / "calmline.toml"
     config.write_text(f'[audit]\ndatabase = "{db}"\n', encoding="utf-8")
-    return subprocess.run([sys.executable, "-m", "calmline", "-c", str(config), "report", *args],
+    return subprocess.run([sys.executable, "-m", "calmline", "-c", str(config), command, *args],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
 
 
@@ -377,24 +378,24 @@ def test_cli_writes_the_report(tmp_path):
     trail.session(now - timedelta(days=40), "warn", linkedid="OLD.1", agent=ALICE, steps=[warned(1)])
     trail.close()
     out = tmp_path / "out" / "report.html"
-    done = _cli(tmp_path, db, "--days", "7", "--output", str(out))
+    done = _cli(tmp_path, db, "report", "--days", "7", "--output", str(out))
     assert done.returncode == 0, done.stderr
     assert "1 call(s)" in done.stdout and str(out) in done.stdout
     page = out.read_text(encoding="utf-8")
     assert "N.1" in page and "OLD.1" not in page and "&lt;script&gt;" in page
     assert "(UTC, 7 days)" in page
-    default = _cli(tmp_path, db)
+    default = _cli(tmp_path, db, "report")
     assert default.returncode == 0, default.stderr
     page = (tmp_path / "calmline-report.html").read_text(encoding="utf-8")
     assert "(UTC, 30 days)" in page and "OLD.1" not in page
 
 
 def test_cli_without_an_audit_trail_exits_1_naming_the_key(tmp_path):
-    done = _cli(tmp_path, tmp_path / "nowhere.sqlite3")
+    done = _cli(tmp_path, tmp_path / "nowhere.sqlite3", "report")
     assert done.returncode == 1
     assert "audit.database" in done.stderr and "nowhere.sqlite3" in done.stderr
     assert not (tmp_path / "calmline-report.html").exists()
-    bad = _cli(tmp_path, tmp_path / "nowhere.sqlite3", "--days", "0")
+    bad = _cli(tmp_path, tmp_path / "nowhere.sqlite3", "report", "--days", "0")
     assert bad.returncode == 2 and "--days" in bad.stderr
 
 
@@ -526,31 +527,24 @@ def test_a_real_browser_renders_the_empty_page(tmp_path, browser):
     assert "No escalations in this period" in dom.stdout and "<svg" not in dom.stdout
 
 
-def _audit_cli(tmp_path: Path, db: Path, *args: str) -> subprocess.CompletedProcess:
-    config = tmp_path / "calmline.toml"
-    config.write_text(f'[audit]\ndatabase = "{db}"\n', encoding="utf-8")
-    return subprocess.run([sys.executable, "-m", "calmline", "-c", str(config), "audit", *args],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
-
-
 def test_audit_cli_prints_the_trail_and_one_call(tmp_path):
     db = tmp_path / "live.sqlite3"
     trail = Trail(db)
     trail.session(at(9, 0, 0), "warn", linkedid="A.1", agent=ALICE, name=SCRIPT_NAME, steps=[warned(1)])
     trail.session(at(9, 5, 0), "warn", linkedid="B.2", agent=ALICE, steps=[warned(1), warned(2)])
     trail.close()
-    everything = _audit_cli(tmp_path, db)
+    everything = _cli(tmp_path, db, "audit")
     assert everything.returncode == 0, everything.stderr
     events = [json.loads(line) for line in everything.stdout.splitlines()]
     assert {e["linkedid"] for e in events} == {"A.1", "B.2"}
     assert [e["ts"] for e in events] == sorted(e["ts"] for e in events)
-    one = _audit_cli(tmp_path, db, "--linkedid", "B.2")
+    one = _cli(tmp_path, db, "audit", "--linkedid", "B.2")
     steps = [json.loads(line).get("step") for line in one.stdout.splitlines()]
     assert one.returncode == 0 and steps.count("warning_played") == 2
     assert all(json.loads(line)["linkedid"] == "B.2" for line in one.stdout.splitlines())
     empty = tmp_path / "created-never-written.sqlite3"
     empty.touch()
-    nothing = _audit_cli(tmp_path, empty)
+    nothing = _cli(tmp_path, empty, "audit")
     assert (nothing.returncode, nothing.stdout, nothing.stderr) == (0, "", "")
 
 
@@ -558,16 +552,11 @@ def test_audit_cli_prints_the_trail_and_one_call(tmp_path):
 def test_cli_on_a_file_that_is_not_an_audit_trail_says_so(tmp_path, command):
     bad = tmp_path / "not-sqlite.db"
     bad.write_text("this is not a database\n" * 200, encoding="utf-8")
-    config = tmp_path / "calmline.toml"
-    config.write_text(f'[audit]\ndatabase = "{bad}"\n', encoding="utf-8")
-    done = subprocess.run([sys.executable, "-m", "calmline", "-c", str(config), command],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    done = _cli(tmp_path, bad, command)
     assert done.returncode == 1
     assert "cannot read the audit trail" in done.stderr and "audit.database" in done.stderr
     assert "Traceback" not in done.stderr
     missing = tmp_path / "nothing-here"
     missing.mkdir()
-    config.write_text(f'[audit]\ndatabase = "{missing}"\n', encoding="utf-8")
-    done = subprocess.run([sys.executable, "-m", "calmline", "-c", str(config), command],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    done = _cli(tmp_path, missing, command)
     assert done.returncode == 1 and "no audit trail at" in done.stderr and "Traceback" not in done.stderr
