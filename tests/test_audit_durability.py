@@ -181,6 +181,21 @@ def test_an_event_sqlite_cannot_store_does_not_wedge_the_trail(trail_store):
     assert json.loads(found[0][3])["agent"] == {"not": "a string"}  # the full event is kept in `data`
 
 
+def test_an_event_json_cannot_take_is_stored_as_text_and_the_trail_goes_on(trail_store):
+    """A tuple as a key crosses to the writer fine, but JSON refuses it: it must not wedge
+    the writer (which would be restarted, sent it again, and die again, forever)."""
+
+    async def main():
+        store, trail = trail_store()
+        trail.event("odd", counts={("warn", 1): 2})
+        await asyncio.wait_for(trail.step("after_the_odd_one"), 5)
+        return rows(store.path)
+
+    found = run(main())
+    assert [r[0] for r in found] == ["odd", "step"]
+    assert json.loads(found[0][3])["counts"] == {"('warn', 1)": 2}
+
+
 def test_a_field_marshal_cannot_carry_is_stored_as_its_text(trail_store):
     """Events cross to the writer process marshalled; other objects arrive as their str()."""
 

@@ -145,3 +145,23 @@ def test_the_view_derives_the_columns_the_report_filters_on(tmp_path):
     assert got[1] == ("step", "info", "warning_played", CALL["session"], CALL["uniqueid"], "warn",
                       CALL["agent"], CALL["caller_number"])
     assert got[2][1] == "warning"
+
+
+class _Unprintable:
+    def __str__(self):
+        raise ValueError("no text for this one")
+
+    def __repr__(self):
+        return "<unprintable>"
+
+
+def test_what_json_cannot_take_is_kept_as_text_not_dropped():
+    keyed = ("e", "info", {"event": "odd", "counts": {("warn", 1): 2}}, CALL, T)
+    line, ts, linkedid = Renderer().row(keyed)
+    assert line == render(keyed)
+    assert json.loads(line)["counts"] == {"('warn', 1)": 2}
+    assert (ts, linkedid) == (json.loads(line)["ts"], CALL["linkedid"])
+    hopeless = ("e", "info", {"event": "odd", "thing": _Unprintable()}, None, T)
+    kept = json.loads(render(hopeless))
+    assert kept["event"] == "unrenderable_event" and kept["level"] == "error"
+    assert "<unprintable>" in kept["text"] and "no text for this one" in kept["error"]

@@ -82,10 +82,31 @@ def stamped(name: str, event: dict[str, Any], bound: dict[str, Any] | None, t: f
 
 def render(record: tuple) -> str:
     """One captured record as its JSON line: the reference `Renderer` must agree with."""
+    try:
+        if record[0] == "e":
+            _, name, event, bound, t = record
+            return encode(stamped(name, event, bound, t))
+        return encode(record[1])
+    except (TypeError, ValueError, RecursionError) as exc:
+        return _substitute(record, exc)
+
+
+def _substitute(record: tuple, exc: Exception) -> str:
+    """The line for an event JSON cannot take as it is (a key that is a tuple, say).
+
+    Its keys and odd values become text, so the event is still stored and the trail behind
+    it is not held up; if even that fails, what is left is its text and why.
+    """
     if record[0] == "e":
         _, name, event, bound, t = record
-        return encode(stamped(name, event, bound, t))
-    return encode(record[1])
+    else:
+        name, event, bound, t = "info", record[1], None, time.time()
+    try:
+        return encode(stamped(name, _plain(event), _plain(bound) if bound else None, t))
+    except (TypeError, ValueError, RecursionError):
+        kept = {"event": "unrenderable_event", "text": repr(event)[:2000],
+                "error": f"{type(exc).__name__}: {exc}"[:300]}
+        return encode(stamped("error", kept, None, t))
 
 
 class Renderer:
@@ -101,6 +122,14 @@ class Renderer:
         self._size = size
 
     def row(self, record: tuple) -> tuple[str, Any, Any]:
+        try:
+            return self._row(record)
+        except (TypeError, ValueError, RecursionError) as exc:
+            line = _substitute(record, exc)
+            event = json.loads(line)
+            return line, _column(event.get("ts")), _column(event.get("linkedid"))
+
+    def _row(self, record: tuple) -> tuple[str, Any, Any]:
         if record[0] != "e":
             event = record[1]
             return encode(event), _column(event.get("ts")), _column(event.get("linkedid"))
@@ -220,7 +249,8 @@ def _old_layout(conn: sqlite3.Connection) -> bool:
 
 
 def _plain(value: Any) -> Any:
-    """`value` with anything marshal cannot carry turned into its str (as the JSON would)."""
+    """`value` as plain data, which both marshal and JSON take: text keys, and anything but
+    containers and scalars as its str (what the JSON encoder would have written anyway)."""
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
