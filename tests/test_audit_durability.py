@@ -375,3 +375,49 @@ outbox = "{tmp_path / 'outbox.sqlite3'}"
     assert integrity == "ok"
     lost = sorted(acked - durable)
     assert not lost, f"{len(lost)} of {len(acked)} acknowledged steps lost after kill -9, e.g. {lost[:5]}"
+
+
+def test_a_store_that_refuses_for_long_lets_the_call_go_on_and_keeps_the_events(tmp_path, capfd):
+    """A full disk must not hold a caller in silence: after commit_timeout the step goes on,
+    the events are still echoed meanwhile, and they are all committed once the store is back."""
+    echo = (tmp_path / "echo.jsonl").open("w+", encoding="utf-8")
+
+    async def main():
+        store = AuditStore(tmp_path / "audit.sqlite3", stdout=echo, commit_timeout=0.4)
+        store.open()
+        configure(store)
+        trail = AuditTrail(store)
+        try:
+            blocker = sqlite3.connect(store.path, isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")  # nobody else can write until this ends
+            started = time.monotonic()
+            await asyncio.wait_for(trail.step("warning_played", warning=1), 5)
+            waited = time.monotonic() - started
+            trail.event("after_the_step")
+            await asyncio.sleep(1.5)  # the writer waits up to 1 s on a lock before it retries
+            echoed_while_refused = echo_lines(echo)
+            on_disk_while_refused = rows(store.path)
+            blocker.execute("ROLLBACK")
+            blocker.close()
+            assert store.flush(5)
+            return waited, echoed_while_refused, on_disk_while_refused, rows(store.path)
+        finally:
+            store.close()
+            structlog.reset_defaults()
+
+    waited, echoed, while_refused, after = run(main())
+    assert 0.4 <= waited < 2.5
+    assert [e["event"] for e in echoed] == ["step", "step_not_yet_durable", "after_the_step"]
+    assert while_refused == []
+    assert [r[0] for r in after] == ["step", "step_not_yet_durable", "after_the_step"]
+    assert json.loads(after[1][3])["step"] == "warning_played"
+    err = capfd.readouterr().err
+    assert "steps waited 0.4s (audit.commit_timeout)" in err and "their calls go on" in err
+    assert "cannot write the audit store" in err and "database is locked" in err
+    assert "audit store writable again" in err
+
+
+def echo_lines(stream) -> list[dict]:
+    stream.flush()
+    with open(stream.name, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

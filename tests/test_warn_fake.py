@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+import time
+
 import pytest
 from conftest import run
 from fake_asterisk import bridged_caller, environment, run_session
@@ -112,3 +116,28 @@ def test_unknown_path_is_refused_with_a_console_line(serving):
     assert not any(c.startswith("STREAM FILE") for c in channel.commands)
     end = svc.events(event="session_end")[0]
     assert end["outcome"] == "refused"
+
+
+def test_a_store_that_refuses_does_not_hold_the_caller(serving, tmp_path):
+    """With the audit database locked by someone else, the warning still ends within
+    audit.commit_timeout, with its status set, and its step is stored once the lock goes."""
+
+    async def main():
+        async with serving(audit={"commit_timeout": 0.5}) as svc:
+            blocker = sqlite3.connect(svc.svc.config.audit.database, isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")
+            channel = bridged_caller()
+            started = time.monotonic()
+            dialogue = await asyncio.wait_for(run_session(svc.port, channel), 10)
+            took = time.monotonic() - started
+            blocker.execute("ROLLBACK")
+            blocker.close()
+            return svc, channel, dialogue, took
+
+    svc, channel, dialogue, took = run(main())
+    assert took < 3
+    assert dialogue.closed_by_server
+    assert channel.variables["CALMLINE_STATUS"] == "ok"
+    assert channel.variables["CALMLINE_WARNINGS"] == "1"
+    assert [s["step"] for s in svc.events(event="step")] == ["warning_played"]
+    assert svc.events(event="step_not_yet_durable")[0]["step"] == "warning_played"

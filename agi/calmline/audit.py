@@ -272,13 +272,19 @@ class AuditStore:
     """The service's side of the audit trail: batches events to the writer process.
 
     `submit_record()` never blocks the event loop (what the pipe does not take yet waits in
-    memory); `wait_durable(seq)` resolves once event `seq` is committed. Until the writer
-    acknowledges a batch it is kept, and sent again to a new writer if the writer dies.
+    memory); `wait_durable(seq)` resolves once event `seq` is committed, or, if the store
+    refuses it for `commit_timeout` seconds, resolves anyway, so that no call hangs on a
+    full disk: the event stays queued. Until the writer acknowledges a batch it is kept,
+    and sent again to a new writer if the writer dies.
     The store is used from its event loop's thread; `flush()` alone may be called from any.
     """
 
-    def __init__(self, path: Path, *, synchronous: str = "full", stdout: TextIO | None = None):
+    def __init__(
+        self, path: Path, *, synchronous: str = "full", stdout: TextIO | None = None,
+        commit_timeout: float = 5.0,
+    ):
         self.path = Path(path)
+        self._commit_timeout = commit_timeout
         self._synchronous = synchronous.upper()
         self._stdout = stdout
         self._seq = 0
@@ -289,8 +295,11 @@ class AuditStore:
         self._out = bytearray()  # what the pipe has not taken yet
         self._acks = bytearray()
         self._durable = 0
-        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._waiters: list[tuple[int, int, asyncio.Future[bool | None]]] = []
         self._tiebreak = itertools.count()
+        self._deadlines: collections.deque[tuple[float, asyncio.Future[bool | None]]] = collections.deque()
+        self._expiry: asyncio.TimerHandle | None = None
+        self._late_told = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._child: subprocess.Popen[bytes] | None = None
@@ -370,6 +379,9 @@ class AuditStore:
         if self._closing or (self._child is None and not self._unacked and not self._pending):
             return
         self._closing = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         self._send()
         if self._child is not None and self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._ack_fd)
@@ -503,6 +515,7 @@ class AuditStore:
         committed = int.from_bytes(acks[whole - 8:whole], "big")
         self.commits += whole // 8
         self._restarts = 0  # this writer works: the next restart need not wait long
+        self._late_told = False
         del acks[:whole]
         self._durable = max(self._durable, committed)
         unacked = self._unacked
@@ -547,14 +560,45 @@ class AuditStore:
 
     # --- waiting ----------------------------------------------------------------------------
 
-    def wait_for(self, seq: int) -> Awaitable[None]:
-        """A future for event `seq`'s commit; the event must have been submitted urgent."""
-        future = self._loop.create_future() if self._loop is not None else asyncio.get_running_loop().create_future()
+    def wait_for(self, seq: int) -> asyncio.Future[bool | None]:
+        """A future for event `seq`'s commit; the event must have been submitted urgent.
+
+        Its result is None once the event is committed, True if `commit_timeout` passed first.
+        """
+        loop = self._loop if self._loop is not None else asyncio.get_running_loop()
+        future = loop.create_future()
         if seq <= self._durable:
             future.set_result(None)
-        else:
-            heapq.heappush(self._waiters, (seq, next(self._tiebreak), future))
+            return future
+        heapq.heappush(self._waiters, (seq, next(self._tiebreak), future))
+        self._deadlines.append((time.monotonic() + self._commit_timeout, future))
+        if self._expiry is None:
+            self._expiry = loop.call_later(self._check_every(), self._expire)
         return future
+
+    def _check_every(self) -> float:
+        return min(1.0, max(0.05, self._commit_timeout / 4))
+
+    def _expire(self) -> None:
+        """Let go the waiters whose commit is overdue (their events stay queued)."""
+        self._expiry = None
+        now = time.monotonic()
+        deadlines = self._deadlines
+        late = 0
+        while deadlines and (deadlines[0][0] <= now or deadlines[0][1].done()):
+            future = deadlines.popleft()[1]
+            if not future.done():
+                future.set_result(True)
+                late += 1
+        if late and not self._late_told:
+            self._late_told = True
+            sys.stderr.write(
+                f"calmline: steps waited {self._commit_timeout:g}s (audit.commit_timeout) for the "
+                f"audit store {self.path}; their calls go on, and their events stay queued until "
+                f"the store takes them (they are lost if calmline stops first)\n"
+            )
+        if deadlines and not self._closing and self._loop is not None and not self._loop.is_closed():
+            self._expiry = self._loop.call_later(self._check_every(), self._expire)
 
     async def wait_durable(self, seq: int) -> None:
         """Return once event `seq` (and every event before it) is committed."""
@@ -632,8 +676,24 @@ class AuditTrail:
         """
         seq = self._durable_log.info("step", step=step, **fields)
         if self._store is not None and seq:
-            return self._store.wait_for(seq)
+            return _Commit(self, self._store.wait_for(seq), step)
         return _DONE
+
+
+class _Commit:
+    """A step's commit to await; a step let go before its commit says so in the trail."""
+
+    __slots__ = ("_trail", "_future", "_step")
+
+    def __init__(self, trail: AuditTrail, future: asyncio.Future[bool | None], step: str):
+        self._trail = trail
+        self._future = future
+        self._step = step
+
+    def __await__(self):
+        late = yield from self._future.__await__()
+        if late:
+            self._trail.problem("step_not_yet_durable", step=self._step)
 
 
 class _Done:

@@ -5,8 +5,10 @@ echo|quiet` and writes frames to its stdin: a 4-byte length, then a marshalled
 `(first_seq, urgent, records)`. Each record is rendered to its JSON line (echoed on stdout
 when asked) and appended to SQLite; after each commit the highest committed seq goes back
 on ACK_FD as 8 bytes. It commits at once for an urgent frame (someone waits), otherwise
-after a short linger so that events share a commit. It exits when stdin ends, whether the
-service closed it or died, once everything it received is committed.
+after a short linger so that events share a commit. While the store refuses (a full disk,
+a lock held elsewhere) it keeps taking and echoing events and retries with a growing delay.
+It exits when stdin ends, whether the service closed it or died, once everything it
+received is committed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from calmline.audit import INSERT, Renderer
 
 LINGER = 0.05  # seconds an event nobody waits on may wait for company before its commit
+RETRY_FIRST, RETRY_MAX = 0.05, 2.0  # seconds between attempts while the store refuses
 
 
 class Writer:
@@ -30,7 +33,9 @@ class Writer:
         self.ack_fd = ack_fd
         self.echo = echo
         # Transactions are explicit: a batch is one, and a failed one is rolled back whole.
-        self.conn = sqlite3.connect(path, isolation_level=None)
+        # A lock held elsewhere is waited for briefly, then retried like any refusal, so
+        # that events keep being echoed meanwhile.
+        self.conn = sqlite3.connect(path, isolation_level=None, timeout=1.0)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute(f"PRAGMA synchronous={synchronous}")
         self.renderer = Renderer()
@@ -39,6 +44,8 @@ class Writer:
         self.urgent = False
         self.deadline = 0.0
         self.error: str | None = None
+        self.retry_at = 0.0  # while the store refuses: when to try again
+        self.delay = RETRY_FIRST
 
     def take(self, buffer: bytearray) -> None:
         """Render every whole frame in `buffer` and drop it from there."""
@@ -60,45 +67,59 @@ class Writer:
             if self.echo:
                 os.write(1, "".join(row[0] + "\n" for row in lines).encode())
 
-    def due(self) -> bool:
-        return bool(self.rows) and (self.urgent or time.monotonic() >= self.deadline)
+    def due(self, now: float) -> bool:
+        if not self.rows:
+            return False
+        if self.retry_at:
+            return now >= self.retry_at
+        return self.urgent or now >= self.deadline
 
-    def commit(self) -> None:
-        """Commit the rows (retrying while the disk refuses) and acknowledge them."""
-        delay = 0.05
-        while True:
-            try:
-                self.conn.execute("BEGIN")
-                self.conn.executemany(INSERT, self.rows)
-                self.conn.execute("COMMIT")
-                break
-            except sqlite3.Error as exc:
-                if self.conn.in_transaction:
-                    try:
-                        self.conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass  # SQLite already rolled back (a full disk, say): nothing to undo
-                if self.error != str(exc):
-                    self.error = str(exc)
-                    sys.stderr.write(
-                        f"calmline: cannot write the audit store {self.path}: {exc}; "
-                        f"keeping {len(self.rows)} events and retrying\n"
-                    )
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+    def wake_at(self) -> float | None:
+        """When `due()` next turns true without new input (None: only input can make it)."""
+        if not self.rows:
+            return None
+        if self.retry_at:
+            return self.retry_at
+        return 0.0 if self.urgent else self.deadline
+
+    def commit(self) -> bool:
+        """Commit the rows and acknowledge them; if the store refuses, keep them for a retry."""
+        try:
+            self.conn.execute("BEGIN")
+            self.conn.executemany(INSERT, self.rows)
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.conn.in_transaction:
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite already rolled back (a full disk, say): nothing to undo
+            if self.error != str(exc):
+                self.error = str(exc)
+                sys.stderr.write(
+                    f"calmline: cannot write the audit store {self.path}: {exc}; "
+                    f"keeping {len(self.rows)} events and retrying\n"
+                )
+            self.retry_at = time.monotonic() + self.delay
+            self.delay = min(self.delay * 2, RETRY_MAX)
+            return False
         if self.error:
             sys.stderr.write(f"calmline: audit store writable again: {self.path}\n")
             self.error = None
+        self.retry_at = 0.0
+        self.delay = RETRY_FIRST
         self.rows = []
         self.urgent = False
         os.write(self.ack_fd, self.last.to_bytes(8, "big"))
+        return True
 
     def run(self) -> None:
+        """Take frames as they come (rendering and echoing them even while the store refuses
+        to commit), commit when due; at the end of input, commit what is left."""
         buffer = bytearray()
         while True:
-            timeout = None if not self.rows else max(0.0, self.deadline - time.monotonic())
-            if self.urgent and self.rows:
-                timeout = 0.0
+            wake = self.wake_at()
+            timeout = None if wake is None else max(0.0, wake - time.monotonic())
             readable, _, _ = select.select([0], [], [], timeout)
             if readable:
                 data = os.read(0, 1 << 20)
@@ -108,10 +129,10 @@ class Writer:
                 self.take(buffer)
                 if not self.rows:
                     self.urgent = False  # a nudge with nothing left to commit
-            if self.due():
+            if self.due(time.monotonic()):
                 self.commit()
-        if self.rows:
-            self.commit()
+        while self.rows and not self.commit():
+            time.sleep(max(0.0, self.retry_at - time.monotonic()))
         self.conn.close()
 
 

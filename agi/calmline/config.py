@@ -142,6 +142,7 @@ class AuditConfig(Section):
     database: Path = Path("var/calmline-audit.sqlite3")
     stdout: bool = True
     synchronous: Literal["normal", "full"] = "full"
+    commit_timeout: float = Field(5.0, gt=0, le=300)
 
 
 class WarnStage(Section):

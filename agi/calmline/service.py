@@ -94,6 +94,7 @@ def build(config: Config, *, stdout: TextIO | None = sys.stdout) -> Service:
     store = AuditStore(
         config.audit.database,
         synchronous=config.audit.synchronous,
+        commit_timeout=config.audit.commit_timeout,
         stdout=stdout if config.audit.stdout else None,
     )
     try:
