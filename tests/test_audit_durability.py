@@ -421,3 +421,38 @@ def echo_lines(stream) -> list[dict]:
     stream.flush()
     with open(stream.name, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.parametrize("reader", ["stalled", "gone"])
+def test_a_stdout_reader_that_stalls_or_goes_away_never_holds_up_the_store(tmp_path, capfd, reader):
+    """The JSON lines are for log shippers; if one stops reading or exits, steps must stay
+    as quick as ever and every event must still be committed."""
+    read_end, write_end = os.pipe()
+    if reader == "gone":
+        os.close(read_end)
+    stdout = os.fdopen(write_end, "w", encoding="utf-8")
+    n = 2500  # more batches than the echo's backlog, and far more bytes than the pipe holds
+
+    async def main():
+        store = AuditStore(tmp_path / "audit.sqlite3", stdout=stdout, commit_timeout=60)
+        store.open()
+        configure(store)
+        trail = AuditTrail(store)
+        try:
+            started = time.monotonic()
+            for i in range(n):
+                await asyncio.wait_for(trail.step("probe", n=i, pad="p" * 200), 10)
+            return time.monotonic() - started
+        finally:
+            store.close()
+            structlog.reset_defaults()
+
+    took = run(main())
+    stdout.close()
+    if reader == "stalled":
+        os.close(read_end)
+    assert took < 20
+    assert rows(tmp_path / "audit.sqlite3", "SELECT count(*) FROM events WHERE event = 'step'") == [(n,)]
+    err = capfd.readouterr().err
+    assert ("stdout is not being read" if reader == "stalled" else "stdout closed") in err
+    assert "steps waited" not in err and "exited with" not in err

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
+import time
 
 import pytest
 import structlog
@@ -12,6 +14,7 @@ from conftest import run
 
 from calmline import audit
 from calmline.audit import AuditStore, AuditTrail, Renderer, configure, read_events, render
+from calmline.audit_writer import Echo
 
 T = 1795350788.123456
 CALL = {"session": "ab12cd-7", "peer": "127.0.0.1:40000", "action": "warn", "uniqueid": "1795350788.44",
@@ -165,3 +168,47 @@ def test_what_json_cannot_take_is_kept_as_text_not_dropped():
     kept = json.loads(render(hopeless))
     assert kept["event"] == "unrenderable_event" and kept["level"] == "error"
     assert "<unprintable>" in kept["text"] and "no text for this one" in kept["error"]
+
+
+def test_the_echo_never_blocks_on_a_stdout_nobody_reads(capfd):
+    read_end, write_end = os.pipe()
+    echo = Echo(write_end, backlog=4)
+    line = ('{"event": "x", "pad": "' + "p" * 1000 + '"}',)
+    started = time.monotonic()
+    for _ in range(400):  # 400 kB: far more than the pipe holds
+        echo.lines([line])
+    assert time.monotonic() - started < 1.0
+    time.sleep(0.2)
+    err = capfd.readouterr().err
+    assert "stdout is not being read" in err
+    # Now someone reads: what was queued comes out, and stderr counts what was dropped.
+    os.set_blocking(read_end, False)
+    got = b""
+    deadline = time.monotonic() + 5
+    while "stdout is read again" not in err and time.monotonic() < deadline:
+        try:
+            got += os.read(read_end, 1 << 16)
+        except BlockingIOError:
+            time.sleep(0.01)
+        err += capfd.readouterr().err
+    echo.close()
+    os.close(write_end)
+    os.set_blocking(read_end, True)
+    while chunk := os.read(read_end, 1 << 16):
+        got += chunk
+    os.close(read_end)
+    printed = got.splitlines()
+    assert all(json.loads(p)["event"] == "x" for p in printed)  # whole lines only
+    dropped = int(err.split("stdout is read again; ")[1].split()[0])
+    assert len(printed) + dropped == 400 and dropped > 0
+
+
+def test_the_echo_stops_quietly_when_stdout_is_closed(capfd):
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    echo = Echo(write_end)
+    echo.lines([('{"event": "x"}',)])
+    echo.close()
+    echo.lines([('{"event": "y"}',)])  # after it has gone: nothing, and no exception
+    os.close(write_end)
+    assert "stdout closed" in capfd.readouterr().err

@@ -15,23 +15,84 @@ from __future__ import annotations
 
 import marshal
 import os
+import queue
 import select
 import signal
 import sqlite3
 import sys
+import threading
 import time
 
 from calmline.audit import INSERT, Renderer
 
 LINGER = 0.05  # seconds an event nobody waits on may wait for company before its commit
 RETRY_FIRST, RETRY_MAX = 0.05, 2.0  # seconds between attempts while the store refuses
+ECHO_BACKLOG = 1000  # batches of lines the echo may fall behind before it drops some
+
+
+class Echo:
+    """Prints the JSON lines on stdout from a thread of its own.
+
+    Whoever reads calmline's stdout (journald, a log shipper) may stall or go away; that
+    must never hold up the store. Lines it cannot take in time are dropped (the store
+    has them) and stderr says how many.
+    """
+
+    def __init__(self, fd: int = 1, backlog: int = ECHO_BACKLOG):
+        self._fd = fd
+        self._queue: queue.Queue[bytes | None] = queue.Queue(backlog)
+        self._lock = threading.Lock()
+        self._dropped = 0
+        self._gone = False
+        self._thread = threading.Thread(target=self._run, name="calmline-echo", daemon=True)
+        self._thread.start()
+
+    def lines(self, rows: list[tuple]) -> None:
+        if self._gone:
+            return
+        try:
+            self._queue.put_nowait("".join(row[0] + "\n" for row in rows).encode())
+        except queue.Full:
+            with self._lock:
+                first = not self._dropped
+                self._dropped += len(rows)
+            if first:
+                sys.stderr.write("calmline: stdout is not being read; JSON lines are dropped from "
+                                 "it until it is (the audit store still gets every event)\n")
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view):]
+            except OSError as exc:
+                self._gone = True
+                sys.stderr.write(f"calmline: stdout closed ({exc.strerror or exc}); no more JSON lines "
+                                 "on it (the audit store still gets every event)\n")
+                return
+            if self._dropped and self._queue.empty():
+                with self._lock:
+                    dropped, self._dropped = self._dropped, 0
+                sys.stderr.write(f"calmline: stdout is read again; {dropped} JSON lines were not "
+                                 "printed there\n")
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Print what is queued, unless stdout is stuck for longer than `timeout`."""
+        if self._gone:
+            return
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(timeout)
 
 
 class Writer:
     def __init__(self, path: str, synchronous: str, ack_fd: int, echo: bool):
         self.path = path
         self.ack_fd = ack_fd
-        self.echo = echo
+        self.echo = Echo() if echo else None
         # Transactions are explicit: a batch is one, and a failed one is rolled back whole.
         # A lock held elsewhere is waited for briefly, then retried like any refusal, so
         # that events keep being echoed meanwhile.
@@ -64,8 +125,8 @@ class Writer:
             self.urgent = self.urgent or urgent
         if lines:
             self.rows.extend(lines)
-            if self.echo:
-                os.write(1, "".join(row[0] + "\n" for row in lines).encode())
+            if self.echo is not None:
+                self.echo.lines(lines)
 
     def due(self, now: float) -> bool:
         if not self.rows:
@@ -134,6 +195,8 @@ class Writer:
         while self.rows and not self.commit():
             time.sleep(max(0.0, self.retry_at - time.monotonic()))
         self.conn.close()
+        if self.echo is not None:
+            self.echo.close()
 
 
 def main(argv: list[str]) -> int:
@@ -145,7 +208,7 @@ def main(argv: list[str]) -> int:
     try:
         Writer(path, synchronous, int(ack_fd), echo == "echo").run()
     except BrokenPipeError:
-        return 1  # the service is gone and so is the acknowledgement pipe: nothing is waiting
+        return 1  # the acknowledgement pipe: the service is gone, nothing is waiting
     return 0
 
 
