@@ -249,6 +249,29 @@ def test_a_writer_that_worked_again_is_restarted_without_a_growing_delay(trail_s
     assert err.count("restarting it in 0.05s") == 3, err
 
 
+def test_a_writer_that_cannot_be_started_again_is_retried(trail_store, capfd, monkeypatch):
+    """Restarting the writer can fail too (the interpreter moved by an upgrade, no memory
+    to fork): the service keeps trying instead of leaving the trail without a writer."""
+
+    async def main():
+        store, trail = trail_store()
+        await asyncio.wait_for(trail.step("before"), 5)
+        real = sys.executable
+        monkeypatch.setattr(sys, "executable", "/nonexistent/python3")
+        os.kill(store.writer_pid, signal.SIGKILL)
+        await asyncio.sleep(0.4)  # the first restarts fail
+        failed = store.writer_pid is None
+        monkeypatch.setattr(sys, "executable", real)
+        await asyncio.wait_for(trail.step("after"), 10)
+        return failed, rows(store.path)
+
+    failed, found = run(main())
+    assert failed
+    assert [(r[0], r[2]) for r in found] == [("step", "before"), ("step", "after")]  # durable in time
+    err = capfd.readouterr().err
+    assert "cannot start the audit writer" in err and "/nonexistent/python3" in err
+
+
 @pytest.mark.parametrize("wait_for_loop", [True, False], ids=["noticed", "unnoticed"])
 def test_close_commits_what_a_dead_writer_left(trail_store, wait_for_loop):
     async def main():
@@ -394,22 +417,30 @@ def test_a_store_that_refuses_for_long_lets_the_call_go_on_and_keeps_the_events(
             await asyncio.wait_for(trail.step("warning_played", warning=1), 5)
             waited = time.monotonic() - started
             trail.event("after_the_step")
+            started = time.monotonic()
+            await asyncio.wait_for(trail.step("warning_played", warning=2), 5)
+            waited_again = time.monotonic() - started
             await asyncio.sleep(1.5)  # the writer waits up to 1 s on a lock before it retries
             echoed_while_refused = echo_lines(echo)
             on_disk_while_refused = rows(store.path)
             blocker.execute("ROLLBACK")
             blocker.close()
             assert store.flush(5)
-            return waited, echoed_while_refused, on_disk_while_refused, rows(store.path)
+            # The store takes commits again: a step waits for its own once more.
+            await asyncio.wait_for(trail.step("warning_played", warning=3), 5)
+            return waited, waited_again, echoed_while_refused, on_disk_while_refused, rows(store.path)
         finally:
             store.close()
             structlog.reset_defaults()
 
-    waited, echoed, while_refused, after = run(main())
+    waited, waited_again, echoed, while_refused, after = run(main())
     assert 0.4 <= waited < 2.5
-    assert [e["event"] for e in echoed] == ["step", "step_not_yet_durable", "after_the_step"]
+    assert waited_again < 0.2  # one wait per outage, not one per step
+    late = ["step", "step_not_yet_durable", "after_the_step", "step", "step_not_yet_durable"]
+    assert [e["event"] for e in echoed] == late
     assert while_refused == []
-    assert [r[0] for r in after] == ["step", "step_not_yet_durable", "after_the_step"]
+    assert [r[0] for r in after] == [*late, "step"]
+    assert [json.loads(r[3]).get("warning") for r in after if r[0] == "step"] == [1, 2, 3]
     assert json.loads(after[1][3])["step"] == "warning_played"
     err = capfd.readouterr().err
     assert "steps waited 0.4s (audit.commit_timeout)" in err and "their calls go on" in err

@@ -355,6 +355,9 @@ class AuditStore:
                 stdin=subprocess.PIPE, stdout=echo if echo is not None else subprocess.DEVNULL,
                 pass_fds=(ack_w,), env=env,
             )
+        except Exception:
+            os.close(ack_r)
+            raise
         finally:
             os.close(ack_w)
         self._ack_fd = ack_r
@@ -552,7 +555,15 @@ class AuditStore:
             return
         self._out.clear()
         self._acks.clear()
-        self._spawn()
+        try:
+            self._spawn()
+        except OSError as exc:
+            delay = _RESTART_DELAYS[min(self._restarts, len(_RESTART_DELAYS) - 1)]
+            self._restarts += 1
+            sys.stderr.write(f"calmline: cannot start the audit writer ({exc}); trying again in {delay:g}s\n")
+            assert self._loop is not None
+            self._loop.call_later(delay, self._restart)
+            return
         for _, frame in self._unacked:
             self._write(frame)
         if self._waiters:
@@ -563,12 +574,16 @@ class AuditStore:
     def wait_for(self, seq: int) -> asyncio.Future[bool | None]:
         """A future for event `seq`'s commit; the event must have been submitted urgent.
 
-        Its result is None once the event is committed, True if `commit_timeout` passed first.
+        Its result is None once the event is committed, True if `commit_timeout` passed first
+        (or at once, while the store is known to refuse: one wait per outage is enough).
         """
         loop = self._loop if self._loop is not None else asyncio.get_running_loop()
         future = loop.create_future()
         if seq <= self._durable:
             future.set_result(None)
+            return future
+        if self._late_told:
+            future.set_result(True)
             return future
         heapq.heappush(self._waiters, (seq, next(self._tiebreak), future))
         self._deadlines.append((time.monotonic() + self._commit_timeout, future))
