@@ -8,6 +8,9 @@ and every DTMF digit with its direction).
 
 from __future__ import annotations
 
+import sqlite3
+import time
+
 import pytest
 
 pytestmark = pytest.mark.asterisk
@@ -250,3 +253,51 @@ def test_service_down_the_call_stays_bridged(lab, service_down):
     assert call.digits(call.caller, "Sent") == ["5"]
     assert len(lab.audit_events()) == audit_before
 
+
+
+@pytest.fixture
+def audit_store_locked(lab):
+    """Someone holds a write lock on the audit database (a backup tool, an admin's sqlite3)."""
+    blocker = sqlite3.connect(lab.audit_db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        yield blocker
+    finally:
+        if blocker.in_transaction:
+            blocker.execute("ROLLBACK")
+        blocker.close()
+
+
+def test_a_locked_audit_store_does_not_keep_the_caller_out_of_the_call(lab, audit_store_locked):
+    """The warning plays, the step waits audit.commit_timeout (5 s) for its commit, then the
+    caller and the agent talk again; the step reaches the store once the lock is gone."""
+    service_log_at = lab.service_log.stat().st_size
+    # warn-1 lasts about 9 s and the commit wait 5 s more: the agent stays on well past both
+    call = place(lab, {"scen": "auditlocked", "keys": "*1", "caller_hold": 30, "agent_hold": 20})["auditlocked"]
+    audit_store_locked.execute("ROLLBACK")
+    assert call.values("CALMLINE_WARNINGS") == ["1"]
+    assert call.values("CALMLINE_STATUS") == ["ok"]
+    # the caller stays in the bridge while the feature runs (its audio goes to the AGI, and
+    # the agent hears silence); the call went on until the agent hung up
+    left = call.on_caller("BridgeLeave")
+    assert len(left) == 1 and call.index(left[0]) > call.index(call.agent_phone_hangup())
+    after = call.lab_event("after-dial")
+    assert len(after) == 1 and (after[0]["DialStatus"], after[0]["Status"]) == ("ANSWER", "ok")
+    log = _service_log_since(lab, service_log_at)
+    assert "cannot write the audit store" in log and "database is locked" in log
+    assert "(audit.commit_timeout)" in log and "their calls go on" in log
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        audit = [e for e in lab.audit_events() if e.get("linkedid") == call.linkedid]
+        if any(e["event"] == "session_end" for e in audit):
+            break
+    assert [e["step"] for e in audit if e["event"] == "step"] == ["warning_played"]
+    assert [e["step"] for e in audit if e["event"] == "step_not_yet_durable"] == ["warning_played"]
+    assert "audit store writable again" in _service_log_since(lab, service_log_at)
+
+
+def _service_log_since(lab, offset: int) -> str:
+    """What calmline serve printed (stdout and stderr) since `offset`."""
+    with lab.service_log.open("rb") as f:
+        f.seek(offset)
+        return f.read().decode("utf-8", "replace")
