@@ -60,7 +60,7 @@ def test_submitted_events_are_readable_by_another_connection_once_durable(trail_
         store, _ = trail_store()
         seqs = [store.submit(_event(i, n=i)) for i in range(50)]
         assert seqs == sorted(seqs) and len(set(seqs)) == 50
-        await asyncio.wait_for(store.wait_durable(seqs[-1]), 5)
+        assert await asyncio.wait_for(store.wait_durable(seqs[-1]), 5)
         return store, rows(store.path)  # read before close(): durable means committed now
 
     store, found = run(main())

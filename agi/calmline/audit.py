@@ -615,13 +615,14 @@ class AuditStore:
         if deadlines and not self._closing and self._loop is not None and not self._loop.is_closed():
             self._expiry = self._loop.call_later(self._check_every(), self._expire)
 
-    async def wait_durable(self, seq: int) -> None:
-        """Return once event `seq` (and every event before it) is committed."""
+    async def wait_durable(self, seq: int) -> bool:
+        """Wait until event `seq` (and every event before it) is committed; False if the store
+        refused it for `commit_timeout` seconds instead (it stays queued)."""
         if seq <= self._durable:
-            return
+            return True
         future = self.wait_for(seq)
         self._send(nudge=True)
-        await future
+        return not await future
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Block until everything submitted so far is committed (for shutdown, CLI, tests)."""
