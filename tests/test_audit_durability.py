@@ -462,7 +462,7 @@ def test_a_stdout_reader_that_stalls_or_goes_away_never_holds_up_the_store(tmp_p
     if reader == "gone":
         os.close(read_end)
     stdout = os.fdopen(write_end, "w", encoding="utf-8")
-    n = 2500  # more batches than the echo's backlog, and far more bytes than the pipe holds
+    n = 2500  # 5 MB of JSON lines: more than the pipe and the echo's limit together
 
     async def main():
         store = AuditStore(tmp_path / "audit.sqlite3", stdout=stdout, commit_timeout=60)
@@ -472,7 +472,7 @@ def test_a_stdout_reader_that_stalls_or_goes_away_never_holds_up_the_store(tmp_p
         try:
             started = time.monotonic()
             for i in range(n):
-                await asyncio.wait_for(trail.step("probe", n=i, pad="p" * 200), 10)
+                await asyncio.wait_for(trail.step("probe", n=i, pad="p" * 2000), 10)
             return time.monotonic() - started
         finally:
             store.close()

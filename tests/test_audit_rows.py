@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sqlite3
 import time
 
@@ -174,33 +175,43 @@ def _dropped(err: str) -> int:
     return sum(int(part.split()[0]) for part in err.split("stdout is read again; ")[1:])
 
 
-def test_the_echo_never_blocks_on_a_stdout_nobody_reads(capfd):
-    read_end, write_end = os.pipe()
-    echo = Echo(write_end, backlog=4)
+@pytest.mark.parametrize("kind", ["pipe", "socket"])
+def test_the_echo_never_blocks_on_a_stdout_nobody_reads(capfd, kind):
+    if kind == "pipe":
+        read_end, write_end = os.pipe()
+    else:
+        reader, writer = socket.socketpair()
+        read_end, write_end = reader.detach(), writer.detach()
+    blocking_before = os.get_blocking(write_end)
+    echo = Echo(write_end, limit=100_000)
     line = ('{"event": "x", "pad": "' + "p" * 1000 + '"}',)
     started = time.monotonic()
-    for _ in range(400):  # 400 kB: far more than the pipe holds
+    for _ in range(1000):  # 1 MB: far more than the pipe or socket and the limit hold
         echo.lines([line])
     assert time.monotonic() - started < 1.0
-    time.sleep(0.2)
+    assert os.get_blocking(write_end) == blocking_before  # the service's stdout is left as it was
     err = capfd.readouterr().err
     assert "stdout is not being read" in err
-    # Now someone reads: what was queued comes out, and stderr counts what was dropped.
+    # Now someone reads: what waited comes out, and stderr counts what was dropped.
     os.set_blocking(read_end, False)
     got = b""
     deadline = time.monotonic() + 5
-    while len(got.splitlines()) + _dropped(err) < 400 and time.monotonic() < deadline:
+    while "stdout is read again" not in err and time.monotonic() < deadline:
         try:
             got += os.read(read_end, 1 << 16)
         except BlockingIOError:
             time.sleep(0.01)
+        echo.flush()
         err += capfd.readouterr().err
-    echo.close()
+    echo.finish()
     os.close(write_end)
+    os.set_blocking(read_end, True)
+    while chunk := os.read(read_end, 1 << 16):
+        got += chunk
     os.close(read_end)
     printed = got.splitlines()
     assert all(json.loads(p)["event"] == "x" for p in printed)  # whole lines only
-    assert len(printed) + _dropped(err) == 400 and _dropped(err) > 0
+    assert len(printed) + _dropped(err) == 1000 and _dropped(err) > 0
 
 
 def test_the_echo_stops_quietly_when_stdout_is_closed(capfd):
@@ -208,7 +219,8 @@ def test_the_echo_stops_quietly_when_stdout_is_closed(capfd):
     os.close(read_end)
     echo = Echo(write_end)
     echo.lines([('{"event": "x"}',)])
-    echo.close()
     echo.lines([('{"event": "y"}',)])  # after it has gone: nothing, and no exception
+    echo.finish()
     os.close(write_end)
-    assert "stdout closed" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert err.count("stdout closed") == 1

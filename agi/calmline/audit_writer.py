@@ -15,77 +15,121 @@ from __future__ import annotations
 
 import marshal
 import os
-import queue
 import select
 import signal
+import socket
 import sqlite3
+import stat
 import sys
-import threading
 import time
+from collections.abc import Callable
 
 from calmline.audit import INSERT, Renderer
 
 LINGER = 0.05  # seconds an event nobody waits on may wait for company before its commit
 RETRY_FIRST, RETRY_MAX = 0.05, 2.0  # seconds between attempts while the store refuses
-ECHO_BACKLOG = 1000  # batches of lines the echo may fall behind before it drops some
+ECHO_LIMIT = 4 << 20  # bytes of JSON lines that may wait for stdout's reader before some are dropped
 
 
 class Echo:
-    """Prints the JSON lines on stdout from a thread of its own.
+    """Prints the JSON lines on stdout, never waiting for whoever reads it.
 
-    Whoever reads calmline's stdout (journald, a log shipper) may stall or go away; that
-    must never hold up the store. Lines it cannot take in time are dropped (the store
-    has them) and stderr says how many.
+    That reader (journald, a log shipper) may stall or go away; the store must not notice.
+    On a pipe or a socket, writes do not block: what the reader has not taken yet waits
+    here, up to `limit` bytes, and lines beyond that are dropped from stdout (the store has
+    them) with a count on stderr. Files and terminals are written directly.
     """
 
-    def __init__(self, fd: int = 1, backlog: int = ECHO_BACKLOG):
-        self._fd = fd
-        self._queue: queue.Queue[bytes | None] = queue.Queue(backlog)
-        self._lock = threading.Lock()
+    def __init__(self, fd: int = 1, limit: int = ECHO_LIMIT):
+        self._fd, self._send, self._close_own = _nonblocking_writer(fd)
+        self._limit = limit
+        self._pending = bytearray()
         self._dropped = 0
         self._gone = False
-        self._thread = threading.Thread(target=self._run, name="calmline-echo", daemon=True)
-        self._thread.start()
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def behind(self) -> bool:
+        """True while lines wait for the reader (the caller should `flush()` when writable)."""
+        return bool(self._pending)
 
     def lines(self, rows: list[tuple]) -> None:
         if self._gone:
             return
-        try:
-            self._queue.put_nowait("".join(row[0] + "\n" for row in rows).encode())
-        except queue.Full:
-            with self._lock:
-                first = not self._dropped
-                self._dropped += len(rows)
-            if first:
+        data = "".join(row[0] + "\n" for row in rows).encode()
+        if not self._pending:
+            try:
+                data = data[self._send(data):]
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                self._close(exc)
+                return
+            if not data:
+                return
+        if len(self._pending) + len(data) > self._limit:
+            if not self._dropped:
                 sys.stderr.write("calmline: stdout is not being read; JSON lines are dropped from "
                                  "it until it is (the audit store still gets every event)\n")
+            self._dropped += data.count(b"\n")
+            return
+        self._pending += data
+        self.flush()
 
-    def _run(self) -> None:
-        while (data := self._queue.get()) is not None:
+    def flush(self) -> None:
+        """Hand the reader what it will take now."""
+        while self._pending and not self._gone:
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self._fd, view):]
-            except OSError as exc:
-                self._gone = True
-                sys.stderr.write(f"calmline: stdout closed ({exc.strerror or exc}); no more JSON lines "
-                                 "on it (the audit store still gets every event)\n")
+                written = self._send(self._pending)
+            except BlockingIOError:
                 return
-            if self._dropped and self._queue.empty():
-                with self._lock:
-                    dropped, self._dropped = self._dropped, 0
-                sys.stderr.write(f"calmline: stdout is read again; {dropped} JSON lines were not "
-                                 "printed there\n")
+            except OSError as exc:
+                self._close(exc)
+                return
+            del self._pending[:written]
+        if self._dropped and not self._pending:
+            sys.stderr.write(f"calmline: stdout is read again; {self._dropped} JSON lines were not "
+                             "printed there\n")
+            self._dropped = 0
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Print what is queued, unless stdout is stuck for longer than `timeout`."""
-        if self._gone:
-            return
+    def finish(self, timeout: float = 2.0) -> None:
+        """Print what waits, unless the reader takes longer than `timeout`; then let go."""
+        deadline = time.monotonic() + timeout
+        while self._pending and not self._gone and (left := deadline - time.monotonic()) > 0:
+            select.select([], [self._fd], [], left)
+            self.flush()
+        self._close_own()
+
+    def _close(self, exc: OSError) -> None:
+        self._gone = True
+        self._pending.clear()
+        sys.stderr.write(f"calmline: stdout closed ({exc.strerror or exc}); no more JSON lines on it "
+                         "(the audit store still gets every event)\n")
+
+
+def _nonblocking_writer(fd: int) -> tuple[int, Callable[[bytes | bytearray], int], Callable[[], None]]:
+    """A descriptor for `fd`'s file, a write on it that never blocks where one can stall,
+    and how to let go of that descriptor.
+
+    O_NONBLOCK is shared by every descriptor of one open file, so it cannot be set on the
+    stdout the service also holds: a pipe is opened again (a file of its own), a socket is
+    sent to with MSG_DONTWAIT.
+    """
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISFIFO(mode):
         try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            return
-        self._thread.join(timeout)
+            own = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            pass  # no /proc: a plain write, which may wait for the reader
+        else:
+            return own, lambda data: os.write(own, data), lambda: os.close(own)
+    elif stat.S_ISSOCK(mode):
+        sock = socket.socket(fileno=os.dup(fd))
+        return sock.fileno(), lambda data: sock.send(data, socket.MSG_DONTWAIT), sock.close
+    return fd, lambda data: os.write(fd, data), lambda: None
 
 
 class Writer:
@@ -181,7 +225,10 @@ class Writer:
         while True:
             wake = self.wake_at()
             timeout = None if wake is None else max(0.0, wake - time.monotonic())
-            readable, _, _ = select.select([0], [], [], timeout)
+            echo_behind = self.echo is not None and self.echo.behind
+            readable, writable, _ = select.select([0], [self.echo.fd] if echo_behind else [], [], timeout)
+            if writable:
+                self.echo.flush()
             if readable:
                 data = os.read(0, 1 << 20)
                 if not data:
@@ -196,7 +243,7 @@ class Writer:
             time.sleep(max(0.0, self.retry_at - time.monotonic()))
         self.conn.close()
         if self.echo is not None:
-            self.echo.close()
+            self.echo.finish()
 
 
 def main(argv: list[str]) -> int:
