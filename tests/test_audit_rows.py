@@ -224,3 +224,30 @@ def test_the_echo_stops_quietly_when_stdout_is_closed(capfd):
     os.close(write_end)
     err = capfd.readouterr().err
     assert err.count("stdout closed") == 1
+
+
+def test_a_line_half_written_when_the_echo_starts_dropping_is_still_completed(capfd):
+    read_end, write_end = os.pipe()
+    echo = Echo(write_end, limit=10)  # less than one line: everything unsent is over the limit
+    big = [(f'{{"event": "x", "n": {i}, "pad": "{"p" * 3000}"}}',) for i in range(40)]
+    echo.lines(big)  # 120 kB at once: the pipe takes part of it, ending inside a line
+    os.set_blocking(read_end, False)
+    got = b""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (echo.behind or not got):
+        try:
+            got += os.read(read_end, 1 << 16)
+        except BlockingIOError:
+            time.sleep(0.01)
+        echo.flush()
+    try:
+        got += os.read(read_end, 1 << 16)
+    except BlockingIOError:
+        pass
+    echo.finish()
+    os.close(write_end)
+    os.close(read_end)
+    assert got.endswith(b"\n")
+    printed = [json.loads(line)["n"] for line in got.splitlines()]  # every line whole
+    assert printed == list(range(len(printed))) and 0 < len(printed) < 40
+    assert f"stdout is read again; {40 - len(printed)} JSON lines" in capfd.readouterr().err

@@ -60,22 +60,26 @@ class Echo:
         if self._gone:
             return
         data = "".join(row[0] + "\n" for row in rows).encode()
+        keep = 0  # bytes that must follow whatever happens: the rest of a line half written
         if not self._pending:
             try:
-                data = data[self._send(data):]
+                written = self._send(data)
             except BlockingIOError:
-                pass
+                written = 0
             except OSError as exc:
                 self._close(exc)
                 return
+            data = data[written:]
             if not data:
                 return
+            if written:
+                keep = data.find(b"\n") + 1
         if len(self._pending) + len(data) > self._limit:
             if not self._dropped:
                 sys.stderr.write("calmline: stdout is not being read; JSON lines are dropped from "
                                  "it until it is (the audit store still gets every event)\n")
-            self._dropped += data.count(b"\n")
-            return
+            self._dropped += data.count(b"\n", keep)
+            data = data[:keep]
         self._pending += data
         self.flush()
 
