@@ -176,15 +176,8 @@ class Writer:
             if self.echo is not None:
                 self.echo.lines(lines)
 
-    def due(self, now: float) -> bool:
-        if not self.rows:
-            return False
-        if self.retry_at:
-            return now >= self.retry_at
-        return self.urgent or now >= self.deadline
-
     def wake_at(self) -> float | None:
-        """When `due()` next turns true without new input (None: only input can make it)."""
+        """When the rows are due for a commit (None: nothing to commit, only input can make it)."""
         if not self.rows:
             return None
         if self.retry_at:
@@ -241,7 +234,8 @@ class Writer:
                 self.take(buffer)
                 if not self.rows:
                     self.urgent = False  # a nudge with nothing left to commit
-            if self.due(time.monotonic()):
+            wake = self.wake_at()
+            if wake is not None and time.monotonic() >= wake:
                 self.commit()
         while self.rows and not self.commit():
             time.sleep(max(0.0, self.retry_at - time.monotonic()))
