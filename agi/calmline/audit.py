@@ -542,13 +542,19 @@ class AuditStore:
         self._child = None
         if self._closing:
             return
-        delay = _RESTART_DELAYS[min(self._restarts, len(_RESTART_DELAYS) - 1)]
-        self._restarts += 1
+        delay = self._schedule_restart()
         sys.stderr.write(
             f"calmline: the audit writer exited with {code}; restarting it in {delay:g}s and "
             f"sending again the {self._seq - self._durable} events it had not committed\n"
         )
+
+    def _schedule_restart(self) -> float:
+        """Start a writer again later, the later the more restarts in a row have failed."""
+        assert self._loop is not None
+        delay = _RESTART_DELAYS[min(self._restarts, len(_RESTART_DELAYS) - 1)]
+        self._restarts += 1
         self._loop.call_later(delay, self._restart)
+        return delay
 
     def _restart(self) -> None:
         if self._closing:
@@ -558,11 +564,8 @@ class AuditStore:
         try:
             self._spawn()
         except OSError as exc:
-            delay = _RESTART_DELAYS[min(self._restarts, len(_RESTART_DELAYS) - 1)]
-            self._restarts += 1
+            delay = self._schedule_restart()
             sys.stderr.write(f"calmline: cannot start the audit writer ({exc}); trying again in {delay:g}s\n")
-            assert self._loop is not None
-            self._loop.call_later(delay, self._restart)
             return
         for _, frame in self._unacked:
             self._write(frame)
