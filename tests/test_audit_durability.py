@@ -25,11 +25,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def trail_store(tmp_path):
-    """An open AuditStore with structlog routed through it (opened inside the test's loop)."""
+    """An open AuditStore with structlog routed through it (opened inside the test's loop);
+    `make(**options)` passes the options (stdout, commit_timeout...) to AuditStore."""
     stores: list[AuditStore] = []
 
-    def make() -> tuple[AuditStore, AuditTrail]:
-        store = AuditStore(tmp_path / "audit.sqlite3", synchronous="full")
+    def make(**options) -> tuple[AuditStore, AuditTrail]:
+        store = AuditStore(tmp_path / "audit.sqlite3", synchronous="full", **options)
         store.open()
         configure(store)
         stores.append(store)
@@ -69,20 +70,30 @@ def test_submitted_events_are_readable_by_another_connection_once_durable(trail_
     assert json.loads(found[7][3])["n"] == 7
 
 
+async def held_back(store: AuditStore, step, seconds: float, release) -> tuple[bool, list, list]:
+    """Await `step` while the store is held back: whether it was still pending after
+    `seconds`, the rows on disk then, and the rows once `release()` let the commit through."""
+    task = asyncio.create_task(step)
+    await asyncio.sleep(seconds)
+    held = not task.done()
+    on_disk_while_held = rows(store.path)
+    release()
+    await asyncio.wait_for(task, 5)
+    return held, on_disk_while_held, rows(store.path)
+
+
 def test_step_does_not_return_before_its_event_is_committed(trail_store):
     async def main():
         store, trail = trail_store()
         # Another connection holds the write lock, so the writer's commit has to wait for it.
         blocker = sqlite3.connect(store.path, isolation_level=None)
         blocker.execute("BEGIN IMMEDIATE")
-        task = asyncio.create_task(trail.step("warning_played", warning=1))
-        await asyncio.sleep(0.3)
-        held = not task.done()
-        on_disk_while_held = rows(store.path)
-        blocker.execute("ROLLBACK")
-        blocker.close()
-        await asyncio.wait_for(task, 5)
-        return held, on_disk_while_held, rows(store.path)
+
+        def release():
+            blocker.execute("ROLLBACK")
+            blocker.close()
+
+        return await held_back(store, trail.step("warning_played", warning=1), 0.3, release)
 
     held, on_disk_while_held, on_disk_after = run(main())
     assert held, "step() returned while its commit was still held back"
@@ -104,14 +115,12 @@ def test_a_batch_the_store_refuses_halfway_is_retried_whole(trail_store, capfd):
         )
         trail.event("first")
         trail.event("second")
-        task = asyncio.create_task(trail.step("third"))
-        await asyncio.sleep(0.4)
-        held = not task.done()
-        while_refused = rows(store.path)
-        admin.execute("DELETE FROM refuse")
-        admin.close()
-        await asyncio.wait_for(task, 5)
-        return held, while_refused, rows(store.path)
+
+        def release():
+            admin.execute("DELETE FROM refuse")
+            admin.close()
+
+        return await held_back(store, trail.step("third"), 0.4, release)
 
     held, while_refused, after = run(main())
     assert held and while_refused == []
@@ -400,38 +409,31 @@ outbox = "{tmp_path / 'outbox.sqlite3'}"
     assert not lost, f"{len(lost)} of {len(acked)} acknowledged steps lost after kill -9, e.g. {lost[:5]}"
 
 
-def test_a_store_that_refuses_for_long_lets_the_call_go_on_and_keeps_the_events(tmp_path, capfd):
+def test_a_store_that_refuses_for_long_lets_the_call_go_on_and_keeps_the_events(trail_store, tmp_path, capfd):
     """A full disk must not hold a caller in silence: after commit_timeout the step goes on,
     the events are still echoed meanwhile, and they are all committed once the store is back."""
     echo = (tmp_path / "echo.jsonl").open("w+", encoding="utf-8")
 
     async def main():
-        store = AuditStore(tmp_path / "audit.sqlite3", stdout=echo, commit_timeout=0.4)
-        store.open()
-        configure(store)
-        trail = AuditTrail(store)
-        try:
-            blocker = sqlite3.connect(store.path, isolation_level=None)
-            blocker.execute("BEGIN IMMEDIATE")  # nobody else can write until this ends
-            started = time.monotonic()
-            await asyncio.wait_for(trail.step("warning_played", warning=1), 5)
-            waited = time.monotonic() - started
-            trail.event("after_the_step")
-            started = time.monotonic()
-            await asyncio.wait_for(trail.step("warning_played", warning=2), 5)
-            waited_again = time.monotonic() - started
-            await asyncio.sleep(1.5)  # the writer waits up to 1 s on a lock before it retries
-            echoed_while_refused = echo_lines(echo)
-            on_disk_while_refused = rows(store.path)
-            blocker.execute("ROLLBACK")
-            blocker.close()
-            assert store.flush(5)
-            # The store takes commits again: a step waits for its own once more.
-            await asyncio.wait_for(trail.step("warning_played", warning=3), 5)
-            return waited, waited_again, echoed_while_refused, on_disk_while_refused, rows(store.path)
-        finally:
-            store.close()
-            structlog.reset_defaults()
+        store, trail = trail_store(stdout=echo, commit_timeout=0.4)
+        blocker = sqlite3.connect(store.path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # nobody else can write until this ends
+        started = time.monotonic()
+        await asyncio.wait_for(trail.step("warning_played", warning=1), 5)
+        waited = time.monotonic() - started
+        trail.event("after_the_step")
+        started = time.monotonic()
+        await asyncio.wait_for(trail.step("warning_played", warning=2), 5)
+        waited_again = time.monotonic() - started
+        await asyncio.sleep(1.5)  # the writer waits up to 1 s on a lock before it retries
+        echoed_while_refused = echo_lines(echo)
+        on_disk_while_refused = rows(store.path)
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert store.flush(5)
+        # The store takes commits again: a step waits for its own once more.
+        await asyncio.wait_for(trail.step("warning_played", warning=3), 5)
+        return waited, waited_again, echoed_while_refused, on_disk_while_refused, rows(store.path)
 
     waited, waited_again, echoed, while_refused, after = run(main())
     assert 0.4 <= waited < 2.5
@@ -455,7 +457,7 @@ def echo_lines(stream) -> list[dict]:
 
 
 @pytest.mark.parametrize("reader", ["stalled", "gone"])
-def test_a_stdout_reader_that_stalls_or_goes_away_never_holds_up_the_store(tmp_path, capfd, reader):
+def test_a_stdout_reader_that_stalls_or_goes_away_never_holds_up_the_store(trail_store, tmp_path, capfd, reader):
     """The JSON lines are for log shippers; if one stops reading or exits, steps must stay
     as quick as ever and every event must still be committed."""
     read_end, write_end = os.pipe()
@@ -465,18 +467,11 @@ def test_a_stdout_reader_that_stalls_or_goes_away_never_holds_up_the_store(tmp_p
     n = 2500  # 5 MB of JSON lines: more than the pipe and the echo's limit together
 
     async def main():
-        store = AuditStore(tmp_path / "audit.sqlite3", stdout=stdout, commit_timeout=60)
-        store.open()
-        configure(store)
-        trail = AuditTrail(store)
-        try:
-            started = time.monotonic()
-            for i in range(n):
-                await asyncio.wait_for(trail.step("probe", n=i, pad="p" * 2000), 10)
-            return time.monotonic() - started
-        finally:
-            store.close()
-            structlog.reset_defaults()
+        _, trail = trail_store(stdout=stdout, commit_timeout=60)
+        started = time.monotonic()
+        for i in range(n):
+            await asyncio.wait_for(trail.step("probe", n=i, pad="p" * 2000), 10)
+        return time.monotonic() - started
 
     took = run(main())
     stdout.close()
