@@ -70,7 +70,6 @@ _ESCALATION_PATHS = {
     "transfer/colleague": "colleague",
     "transfer/colleague-keyed": "colleague",
 }
-_RESULT_PATH = TRANSFER_RESULT_PATH
 _AGENT_SUFFIX = re.compile(r"(?:-[0-9A-Fa-f]{8})?(?:;\d+)?$")
 # Controls, lone surrogates and bidi overrides: shown as visible escapes, never passed through.
 _UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
@@ -377,7 +376,7 @@ def build_report(
 
     for session in sorted(_sessions(db_path, since, until), key=lambda s: s.started):
         kind = _ESCALATION_PATHS.get(session.action)
-        if kind is None and session.action != _RESULT_PATH:
+        if kind is None and session.action != TRANSFER_RESULT_PATH:
             continue
         key = session.linkedid or session.uniqueid or f"session {session.id}"
         call = calls.get(key)
