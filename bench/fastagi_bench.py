@@ -143,36 +143,35 @@ def _db_counts(path: str) -> dict:
     return {"events": total, "steps": steps}
 
 
+def _stat_cpu(path: str) -> float | None:
+    """User + system CPU seconds from a /proc `stat` file (10 ms ticks); None if it is gone."""
+    try:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _thread_cpu() -> dict[str, float]:
     """CPU seconds per thread of this process (Linux /proc; 10 ms ticks): loop, other."""
     main_id = threading.main_thread().native_id
-    tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     try:
         tids = os.listdir("/proc/self/task")
     except OSError:
         return out
     for tid in tids:
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        name = "loop" if int(tid) == main_id else "other"
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        cpu = _stat_cpu(f"/proc/self/task/{tid}/stat")
+        if cpu is not None:
+            name = "loop" if int(tid) == main_id else "other"
+            out[name] = out.get(name, 0.0) + cpu
     return out
 
 
 def _process_cpu(pid: int | None) -> float:
     """CPU seconds (user + system) of another process, from /proc (10 ms ticks)."""
-    if pid is None:
-        return 0.0
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (_stat_cpu(f"/proc/{pid}/stat") or 0.0) if pid is not None else 0.0
 
 
 def _snapshot(kind: str, state: dict) -> dict:
