@@ -54,6 +54,25 @@ def test_every_row_is_the_reference_rendering():
         assert (ts, linkedid) == (event["ts"], event.get("linkedid"))
 
 
+def test_timestamps_are_spelled_as_datetime_spells_them():
+    """The writer formats a second once and adds the microseconds: rounding and carries
+    into the next second must come out as `datetime.fromtimestamp` has them."""
+    import random
+
+    rng = random.Random(7)
+    times = [T, 0.0, 1.0, 59.9999995, 59.9999994, 1795350788.9999996, 1795350799.0000005,
+             1795350788.0000025, 1795350788.0000035, -1.25, 1795350788]
+    times += [1795350788 + rng.random() * 5 for _ in range(3000)]
+    times += [1795350788 + n / 128 for n in range(128)]  # exact halves of a microsecond: n/128 s
+    times += [1795350788 + rng.randrange(5_000_000) / 1e6 + 5e-7 for _ in range(3000)]
+    renderer = Renderer()
+    for t in times:
+        record = ("e", "info", {"event": "x"}, CALL, t)
+        line, ts, _ = renderer.row(record)
+        assert line == render(record), t
+        assert ts == json.loads(render(record))["ts"], t
+
+
 def test_column_values_are_always_bindable_and_the_json_keeps_the_original():
     odd = [
         ("d", {"event": "a", "ts": {"not": "text"}, "linkedid": ["x"]}),

@@ -51,6 +51,29 @@ INSERT = "INSERT INTO event_rows (data, ts, linkedid) VALUES (?, ?, ?)"
 # Built once (dumps(default=...) builds one per call); ASCII-only JSON, so whatever bytes a
 # caller's network sent, the row always encodes.
 encode = json.JSONEncoder(default=str).encode
+
+
+def _fast_encoder():
+    """`encode` for the writer's hot path: the C encoder built once instead of per call.
+
+    Built without a cycle check (a shared one would keep stale marks after an error); a
+    cycle ends in RecursionError, which the renderer handles like any unencodable event.
+    Where the C encoder is missing or disagrees with `encode`, `encode` itself is used.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return encode
+    try:
+        chunks = make(None, str, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+        sample = {"a": [1, 2.5, None, True, "\u00e9\n\""], "b": {"c": object}}
+        if "".join(chunks(sample, 0)) != encode(sample):
+            return encode
+    except Exception:
+        return encode
+    return lambda value: "".join(chunks(value, 0))
+
+
+_encode_fast = _fast_encoder()
 _PIPE_SIZE = 1 << 20
 _RESTART_DELAYS = (0.05, 0.2, 1.0, 2.0)
 
@@ -120,6 +143,22 @@ class Renderer:
         self._bound: dict[Any, tuple[dict[str, Any], str]] = {}
         self._levels: dict[str, str] = {}
         self._size = size
+        self._second = -1  # the whole second `_prefix` spells
+        self._prefix = ""
+
+    def _ts(self, t: float) -> str:
+        """`stamped()`'s `ts` for time `t`, its date and time of day formatted once a second.
+
+        The microseconds are rounded as `datetime.fromtimestamp` rounds them (half to even
+        of the fraction times 10**6), so the text is the same to the character.
+        """
+        whole = int(t)
+        if whole < 0 or (us := round((t - whole) * 1e6)) >= 1_000_000:
+            return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="microseconds")
+        if whole != self._second:
+            self._prefix = datetime.fromtimestamp(whole, timezone.utc).isoformat(timespec="seconds")[:-6]
+            self._second = whole
+        return f"{self._prefix}.{us:06d}+00:00"
 
     def row(self, record: tuple) -> tuple[str, Any, Any]:
         try:
@@ -143,12 +182,12 @@ class Renderer:
         if cached is None or cached[0] != bound:
             if len(self._bound) >= self._size:
                 self._bound.clear()
-            cached = self._bound[key] = (bound, encode(bound)[:-1])
+            cached = self._bound[key] = (bound, _encode_fast(bound)[:-1])
         level = self._levels.get(name)
         if level is None:
             level = self._levels[name] = encode("warning" if name == "warn" else name)
-        ts = datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="microseconds")
-        line = f'{cached[1]}, {encode(event)[1:-1]}, "level": {level}, "ts": "{ts}"}}'
+        ts = self._ts(t)
+        line = f'{cached[1]}, {_encode_fast(event)[1:-1]}, "level": {level}, "ts": "{ts}"}}'
         return line, ts, _column(bound.get("linkedid"))
 
 
