@@ -219,6 +219,26 @@ def test_a_field_marshal_cannot_carry_is_stored_as_its_text(trail_store):
     assert (odd["path"], odd["error"], odd["n"]) == ("/var/spool/x", "bad value", 3)
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="scheduling policies are Linux's")
+def test_the_writer_runs_as_a_batch_task_so_it_never_preempts_the_loop(trail_store):
+    """Woken by each batch, the writer must wait for a free core rather than take the event
+    loop's; after a restart too."""
+
+    async def main():
+        store, trail = trail_store()
+        await asyncio.wait_for(trail.step("first"), 5)
+        policies = [os.sched_getscheduler(store.writer_pid)]
+        os.kill(store.writer_pid, signal.SIGKILL)
+        await asyncio.sleep(0.02)
+        await asyncio.wait_for(trail.step("second"), 10)
+        policies.append(os.sched_getscheduler(store.writer_pid))
+        return policies, os.sched_getscheduler(0)
+
+    policies, own = run(main())
+    assert policies == [os.SCHED_BATCH, os.SCHED_BATCH]
+    assert own == os.SCHED_OTHER  # the service itself keeps its ordinary policy
+
+
 def test_a_killed_writer_is_restarted_and_loses_nothing(trail_store, capfd):
     """The writer process dies: what it had not acknowledged is sent again to a new one."""
 

@@ -245,12 +245,26 @@ class Writer:
             self.echo.finish()
 
 
+def _batch_priority() -> None:
+    """Run as a batch task: when the service's pipe wakes this process, it waits for a free
+    core instead of preempting the event loop that woke it, and keeps its fair share of CPU.
+
+    On two cores shared with the load generator this measured 0.89-0.94x -> 0.97-1.01x of
+    panoramisk's sessions/s at concurrency 50, with steps committed sooner, not later.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass  # not Linux, or refused here: an ordinary process commits just the same
+
+
 def main(argv: list[str]) -> int:
     path, synchronous, ack_fd, echo = argv
     # The service decides when this process ends (by closing stdin); a Ctrl-C or a SIGTERM
     # sent to the whole process group must not drop events it has not committed yet.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _batch_priority()
     try:
         Writer(path, synchronous, int(ack_fd), echo == "echo").run()
     except BrokenPipeError:
