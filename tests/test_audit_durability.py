@@ -219,6 +219,29 @@ def test_a_field_marshal_cannot_carry_is_stored_as_its_text(trail_store):
     assert (odd["path"], odd["error"], odd["n"]) == ("/var/spool/x", "bad value", 3)
 
 
+def test_a_step_goes_to_the_writer_at_once_not_at_the_end_of_the_loop_turn(trail_store):
+    """The session waits for a step's commit, so its event (with the turn's events queued
+    before it) is handed over when recorded; other events wait for the end of the turn."""
+
+    async def main():
+        store, trail = trail_store()
+        trail.event("before")
+        commit = trail.record_step("now")
+        trail.event("after")
+        # The loop is held here: only what was already written to the writer can commit.
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and len(rows(store.path)) < 2:
+            time.sleep(0.01)
+        held = rows(store.path)
+        await asyncio.wait_for(commit, 5)
+        store.flush()
+        return held, rows(store.path)
+
+    held, found = run(main())
+    assert [(r[0], r[2]) for r in held] == [("before", None), ("step", "now")]
+    assert [r[0] for r in found] == ["before", "step", "after"]
+
+
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="scheduling policies are Linux's")
 def test_the_writer_runs_as_a_batch_task_so_it_never_preempts_the_loop(trail_store):
     """Woken by each batch, the writer must wait for a free core rather than take the event

@@ -2,7 +2,7 @@
 
 structlog's pipeline runs in two stages. In the service, a bound logger captures each event
 with the call's identity (bound once per session in a contextvar) and the time; `AuditStore`
-ships the captured events, a batch per event-loop turn, to a writer process
+ships the captured events, a batch per event-loop turn (a step at once), to a writer process
 (`calmline.audit_writer`), which renders them (the same `stamped()` + JSON as everywhere),
 echoes one JSON line each to stdout for log shippers, and appends them to SQLite (WAL) in
 grouped commits, acknowledging each commit. `step()` returns only once its event is
@@ -476,7 +476,8 @@ class AuditStore:
         return self.submit_record(("d", event), urgent=urgent)
 
     def submit_record(self, record: tuple, *, urgent: bool = False) -> int:
-        """Queue a captured event; it is sent with the others of this event-loop turn."""
+        """Queue a captured event; it is sent with the others of this event-loop turn, or,
+        if urgent (a step someone will wait for), at once with those queued before it."""
         if self._closing:
             sys.stderr.write(f"calmline: audit store closed, event not stored: {render(record)}\n")
             return 0
@@ -484,7 +485,8 @@ class AuditStore:
         self._pending.append(record)
         if urgent:
             self._pending_urgent = True
-        if not self._scheduled:
+            self._send()
+        elif not self._scheduled:
             loop = self._loop
             if loop is not None and not loop.is_closed():
                 self._scheduled = True
