@@ -219,6 +219,42 @@ def test_a_field_marshal_cannot_carry_is_stored_as_its_text(trail_store):
     assert (odd["path"], odd["error"], odd["n"]) == ("/var/spool/x", "bad value", 3)
 
 
+def test_events_marshal_and_json_cannot_take_as_they_are_neither_lose_the_step_beside_them(trail_store):
+    """Recorded in the same turn as a step (so in its batch): a structure that contains itself,
+    the same holding an object marshal refuses, a named tuple, nesting deeper than any use.
+    Each is stored as far as it can be; the step commits; nothing is raised into the action."""
+    from collections import namedtuple
+
+    cyclic = {"a": 1}
+    cyclic["self"] = cyclic
+    odd_cyclic = {"when": object()}
+    odd_cyclic["self"] = odd_cyclic
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+
+    async def main():
+        store, trail = trail_store()
+        trail.event("cyclic", data=cyclic)
+        trail.event("odd_cyclic", data=odd_cyclic)
+        trail.event("named", pair=namedtuple("Pair", "a b")(1, Path("/x")))
+        trail.event("deep", data=deep)
+        await asyncio.wait_for(trail.record_step("beside_them"), 5)
+        return rows(store.path)
+
+    found = run(main())
+    assert [(r[0], r[2]) for r in found] == [
+        ("cyclic", None), ("odd_cyclic", None), ("named", None), ("unrenderable_event", None),
+        ("step", "beside_them")]
+    events = [json.loads(r[3]) for r in found]
+    assert events[0]["data"] == {"a": 1, "self": "{...}"}
+    assert events[1]["data"]["self"] == "{...}" and events[1]["data"]["when"].startswith("<object")
+    assert events[2]["pair"] == [1, "/x"]
+    assert events[3]["level"] == "error" and "'event': 'deep'" in events[3]["text"]
+    assert "[[[[" in events[3]["text"] and "RecursionError" in events[3]["error"]
+    assert len(events[3]["text"]) <= 2000
+
+
 def test_a_step_goes_to_the_writer_at_once_not_at_the_end_of_the_loop_turn(trail_store):
     """The session waits for a step's commit, so its event (with the turn's events queued
     before it) is handed over when recorded; other events wait for the end of the turn."""

@@ -73,6 +73,19 @@ def test_timestamps_are_spelled_as_datetime_spells_them():
         assert ts == json.loads(render(record))["ts"], t
 
 
+def test_an_event_too_deep_for_json_and_repr_is_kept_as_bounded_text():
+    """Deep enough for marshal to carry it to the writer, too deep for JSON and for repr():
+    the writer must still give it a row, or it would die on it and be sent it again."""
+    deep: list = []
+    for _ in range(1500):
+        deep = [deep]
+    line, ts, linkedid = Renderer().row(("e", "info", {"event": "deep", "data": deep}, CALL, T))
+    event = json.loads(line)
+    assert (event["event"], event["level"]) == ("unrenderable_event", "error")
+    assert "'event': 'deep'" in event["text"] and len(event["text"]) <= 2000
+    assert ts == event["ts"] and linkedid == event["linkedid"] == CALL["linkedid"]  # whose call
+
+
 def test_column_values_are_always_bindable_and_the_json_keeps_the_original():
     odd = [
         ("d", {"event": "a", "ts": {"not": "text"}, "linkedid": ["x"]}),

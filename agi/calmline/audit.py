@@ -20,6 +20,7 @@ import itertools
 import json
 import marshal
 import os
+import reprlib
 import sqlite3
 import subprocess
 import sys
@@ -127,9 +128,22 @@ def _substitute(record: tuple, exc: Exception) -> str:
     try:
         return encode(stamped(name, _plain(event), _plain(bound) if bound else None, t))
     except (TypeError, ValueError, RecursionError):
-        kept = {"event": "unrenderable_event", "text": repr(event)[:2000],
-                "error": f"{type(exc).__name__}: {exc}"[:300]}
+        kept = _unrenderable(event, exc)
+    try:  # with the call's identity, if that at least is plain
+        return encode(stamped("error", kept, _plain(bound) if bound else None, t))
+    except (TypeError, ValueError, RecursionError):
         return encode(stamped("error", kept, None, t))
+
+
+def _unrenderable(event: Any, exc: Exception) -> dict[str, str]:
+    """What is kept of an event nothing else could take: its text, bounded, and why."""
+    return {"event": "unrenderable_event", "text": _TEXT.repr(event)[:2000],
+            "error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+_TEXT = reprlib.Repr()  # bounded in depth and length, so any structure has a text
+_TEXT.maxlevel, _TEXT.maxstring, _TEXT.maxother = 8, 400, 200
+_TEXT.maxdict = _TEXT.maxlist = _TEXT.maxtuple = 50
 
 
 class Renderer:
@@ -287,13 +301,22 @@ def _old_layout(conn: sqlite3.Connection) -> bool:
     return found is not None and found[0] == "table"
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: Any, _inside: set[int] | None = None) -> Any:
     """`value` as plain data, which both marshal and JSON take: text keys, and anything but
-    containers and scalars as its str (what the JSON encoder would have written anyway)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value)
+    containers and scalars as its str (what the JSON encoder would have written anyway).
+    A container met again inside itself becomes `{...}` or `[...]`, as `repr` shows it."""
+    if isinstance(value, (dict, list, tuple)):
+        inside = _inside if _inside is not None else set()
+        if id(value) in inside:
+            return "{...}" if isinstance(value, dict) else "[...]"
+        inside.add(id(value))
+        try:
+            if isinstance(value, dict):
+                return {str(k): _plain(v, inside) for k, v in value.items()}
+            plain = [_plain(v, inside) for v in value]
+            return plain if isinstance(value, list) else tuple(plain)
+        finally:
+            inside.discard(id(value))
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return str(value)
@@ -302,9 +325,33 @@ def _plain(value: Any) -> Any:
 def _frame(first: int, urgent: bool, records: list[tuple]) -> bytes:
     try:
         body = marshal.dumps((first, urgent, records))
-    except ValueError:
-        body = marshal.dumps((first, urgent, _plain(records)))
+    except ValueError:  # a value marshal refuses: only that record changes
+        body = marshal.dumps((first, urgent, [_marshallable(r) for r in records]))
     return len(body).to_bytes(4, "big") + body
+
+
+def _marshallable(record: tuple) -> tuple:
+    """`record`, or as plain data, or (nested beyond any use) its text: never lost, so the
+    seqs of the batch and the steps waiting on them stay as they were."""
+    try:
+        marshal.dumps(record)
+        return record
+    except ValueError:
+        pass
+    try:
+        plain = _plain(record)
+        marshal.dumps(plain)
+        return plain
+    except (ValueError, RecursionError) as exc:
+        if record[0] == "e":
+            bound = record[3]
+            try:
+                marshal.dumps(bound)
+            except ValueError:
+                bound = None
+            return ("e", "error", _unrenderable(record[2], exc), bound, record[4])
+        return ("d", {**_unrenderable(record[1], exc), "level": "error",
+                      "ts": datetime.now(timezone.utc).isoformat(timespec="microseconds")})
 
 
 class AuditStore:
