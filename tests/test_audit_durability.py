@@ -255,6 +255,33 @@ def test_events_marshal_and_json_cannot_take_as_they_are_neither_lose_the_step_b
     assert len(events[3]["text"]) <= 2000
 
 
+def test_events_logged_from_a_worker_thread_reach_the_store_while_the_loop_sleeps(trail_store):
+    """Mail delivery logs from a worker thread. The loop's thread must take those events over
+    (it alone changes the batch) and must be woken for them: an idle service would otherwise
+    hold them until something else woke it."""
+    import threading
+
+    async def main():
+        store, _ = trail_store()
+        loop = asyncio.get_running_loop()
+        result = loop.create_future()
+
+        def worker():
+            time.sleep(0.3)  # until the loop has nothing to do and sleeps in its selector
+            log = structlog.get_logger("calmline.mail")
+            for i in range(200):
+                log.info("mail_sent", n=i)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and len(rows(store.path)) < 200:
+                time.sleep(0.01)
+            loop.call_soon_threadsafe(result.set_result, len(rows(store.path)))
+
+        threading.Thread(target=worker).start()
+        return await result  # nothing else is scheduled: the loop sleeps in its selector
+
+    assert run(main()) == 200
+
+
 def test_a_step_goes_to_the_writer_at_once_not_at_the_end_of_the_loop_turn(trail_store):
     """The session waits for a step's commit, so its event (with the turn's events queued
     before it) is handed over when recorded; other events wait for the end of the turn."""

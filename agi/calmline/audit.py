@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import heapq
 import itertools
 import json
@@ -525,6 +526,17 @@ class AuditStore:
     def submit_record(self, record: tuple, *, urgent: bool = False) -> int:
         """Queue a captured event; it is sent with the others of this event-loop turn, or,
         if urgent (a step someone will wait for), at once with those queued before it."""
+        loop = self._loop
+        if loop is not None and loop.is_closed():
+            loop = None  # after the loop: sent from here, at once
+        elif loop is not None and threading.get_ident() != self._loop_thread:
+            # Logged from a worker thread (mail delivery): the loop's thread does the rest, so
+            # the batch is never changed under its feet and its selector wakes up for it.
+            try:
+                loop.call_soon_threadsafe(functools.partial(self.submit_record, record, urgent=urgent))
+                return 0
+            except RuntimeError:
+                loop = None  # closed just now
         if self._closing:
             sys.stderr.write(f"calmline: audit store closed, event not stored: {render(record)}\n")
             return 0
@@ -534,8 +546,7 @@ class AuditStore:
             self._pending_urgent = True
             self._send()
         elif not self._scheduled:
-            loop = self._loop
-            if loop is not None and not loop.is_closed():
+            if loop is not None:
                 self._scheduled = True
                 loop.call_soon(self._send)
             else:
