@@ -351,8 +351,7 @@ def _marshallable(record: tuple) -> tuple:
             except ValueError:
                 bound = None
             return ("e", "error", _unrenderable(record[2], exc), bound, record[4])
-        return ("d", {**_unrenderable(record[1], exc), "level": "error",
-                      "ts": datetime.now(timezone.utc).isoformat(timespec="microseconds")})
+        return ("d", stamped("error", _unrenderable(record[1], exc), None, time.time()))
 
 
 class AuditStore:
