@@ -375,7 +375,6 @@ class AuditStore:
         self._stdout = stdout
         self._seq = 0
         self._pending: list[tuple] = []
-        self._pending_urgent = False
         self._scheduled = False
         self._unacked: collections.deque[tuple[int, bytes]] = collections.deque()
         self._out = bytearray()  # what the pipe has not taken yet
@@ -542,8 +541,7 @@ class AuditStore:
         self._seq += 1
         self._pending.append(record)
         if urgent:
-            self._pending_urgent = True
-            self._send()
+            self._send(urgent=True)
         elif not self._scheduled:
             if loop is not None:
                 self._scheduled = True
@@ -552,16 +550,16 @@ class AuditStore:
                 self._send()
         return self._seq
 
-    def _send(self, nudge: bool = False) -> None:
-        """Frame what is pending (a nudge: commit now even if nothing is) and write it."""
+    def _send(self, urgent: bool = False) -> None:
+        """Frame what is pending and write it; urgent: to be committed on arrival, and sent
+        even if nothing is pending (a nudge for what the writer already holds)."""
         self._scheduled = False
         records = self._pending
         if records:
             self._pending = []
-            frame = _frame(self._seq - len(records) + 1, self._pending_urgent or nudge, records)
-            self._pending_urgent = False
+            frame = _frame(self._seq - len(records) + 1, urgent, records)
             self._unacked.append((self._seq, frame))
-        elif nudge:
+        elif urgent:
             frame = _frame(self._seq + 1, True, [])
         else:
             return
@@ -668,7 +666,7 @@ class AuditStore:
         for _, frame in self._unacked:
             self._write(frame)
         if self._waiters:
-            self._send(nudge=True)
+            self._send(urgent=True)
 
     # --- waiting ----------------------------------------------------------------------------
 
@@ -722,7 +720,7 @@ class AuditStore:
         if seq <= self._durable:
             return True
         future = self.wait_for(seq)
-        self._send(nudge=True)
+        self._send(urgent=True)
         return not await future
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -737,7 +735,7 @@ class AuditStore:
         # On the loop's own thread (or without a loop) nobody else reads the acks: read here.
         import select
 
-        self._send(nudge=True)
+        self._send(urgent=True)
         while self._durable < target and self._child is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
