@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from calmline.errors import (
     AGICommandError,
@@ -32,12 +32,12 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*(\([A-Za-z0-9_,.-]*\))?$")
 _MAX_ENV_LINES = 200
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
+class Answer(NamedTuple):
     """A `200` answer: `result`, the optional `(data)` and the optional `endpos`.
 
     `text` is the result as sent: GET DATA answers with keyed digits (`0123`, `*1`, or
     nothing), which are not a number; `result` is its integer value where it is one.
+    (A named tuple: one is built per command, and it costs half a frozen dataclass.)
     """
 
     text: str
@@ -65,9 +65,16 @@ def quote(value: str) -> str:
 
 def check_name(name: str) -> str:
     """A variable, function or application name: letters, digits, `_`, `.`, one `(args)`."""
+    if name in _NAMES_SEEN:
+        return name
     if not _NAME.match(name):
         raise UnsafeArgument(f"not a valid Asterisk variable or application name: {name[:40]!r}")
+    if len(_NAMES_SEEN) < 256:  # the names come from code and config: a handful
+        _NAMES_SEEN.add(name)
     return name
+
+
+_NAMES_SEEN: set[str] = set()
 
 
 class AGIStream(asyncio.Protocol):
@@ -86,11 +93,12 @@ class AGIStream(asyncio.Protocol):
         answer_timeout: float,
         max_line: int,
         on_connect: Callable[[AGIStream], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ):
         self._answer_timeout = answer_timeout
         self._max_line = max_line
         self._on_connect = on_connect
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop if loop is not None else asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._eof = False
@@ -137,15 +145,17 @@ class AGIStream(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _more(self) -> None:
+    def _more(self) -> asyncio.Future[None]:
+        """A future that the next bytes, the end of input or the deadline complete.
+
+        Awaited directly, not through a coroutine: a read waits here once per answer. A
+        finished waiter left behind is harmless, as `_wake` skips it.
+        """
         if self._paused:
             self._paused = False
             self._transport.resume_reading()
-        self._waiter = self._loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
+        waiter = self._waiter = self._loop.create_future()
+        return waiter
 
     # --- reading --------------------------------------------------------------
 
@@ -264,7 +274,7 @@ class AGIStream(asyncio.Protocol):
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
 
     async def _read_answer(self, command: str) -> Answer:
-        line = await self._readline()
+        line = (await self._read_until(b"\n", "line")).decode("utf-8", "replace").rstrip("\r\n")
         if line == "HANGUP":
             self.hangup_noticed = True
             line = await self._readline()
@@ -272,12 +282,8 @@ class AGIStream(asyncio.Protocol):
             match = _ANSWER.match(line)
             if match is None:
                 raise ProtocolError(f"malformed answer to {command.split(' ', 1)[0]}: {line[:80]!r}")
-            endpos = match.group("endpos")
-            return Answer(
-                match.group("result"),
-                match.group("data"),
-                int(endpos) if endpos is not None else None,
-            )
+            result, data, endpos = match.groups()
+            return Answer(result, data, int(endpos) if endpos is not None else None)
         if line.startswith("520-"):
             await self._skip_usage_block()
             raise UsageError(command, 520, "invalid command syntax")

@@ -26,6 +26,7 @@ class FastAGIServer:
         self._audit = audit
         self._allowed = config.server.allowed_networks()
         self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._sessions: set[asyncio.Task] = set()
 
     @property
@@ -35,7 +36,8 @@ class FastAGIServer:
     async def start(self) -> tuple[str, int]:
         """Bind and listen; return the address actually bound (port 0 picks a free one)."""
         cfg = self._config.server
-        self._server = await asyncio.get_running_loop().create_server(
+        self._loop = asyncio.get_running_loop()
+        self._server = await self._loop.create_server(
             self._new_stream, cfg.host, cfg.port, backlog=1024
         )
         host, port = self._server.sockets[0].getsockname()[:2]
@@ -45,7 +47,8 @@ class FastAGIServer:
     def _new_stream(self) -> AGIStream:
         cfg = self._config.server
         return AGIStream(
-            answer_timeout=cfg.answer_timeout, max_line=cfg.max_line_bytes, on_connect=self._on_connection
+            answer_timeout=cfg.answer_timeout, max_line=cfg.max_line_bytes,
+            on_connect=self._on_connection, loop=self._loop,
         )
 
     async def serve_forever(self) -> None:
@@ -92,6 +95,6 @@ class FastAGIServer:
         session = Session(
             stream, registry=self._registry, config=self._config, audit=self._audit, peer=stream.peer
         )
-        task = asyncio.get_running_loop().create_task(session.run())
+        task = self._loop.create_task(session.run())
         self._sessions.add(task)
         task.add_done_callback(self._sessions.discard)
