@@ -175,17 +175,24 @@ def _process_cpu(pid: int | None) -> float:
 
 
 def _snapshot(kind: str, state: dict) -> dict:
-    """CPU so far and, for calmline, the audit figures once everything queued is committed."""
+    """CPU so far and, for calmline, the audit figures once everything queued is committed.
+
+    `cpu`/`threads` are read before the database is counted and `cpu_end`/`threads_end`
+    after, so that a run's CPU (this snapshot's `cpu` minus the previous one's `cpu_end`)
+    leaves out the counting, which is the benchmark's work, not the server's.
+    """
     snap = {"cpu": time.process_time(), "threads": _thread_cpu()}
     if kind == "calmline":
         svc = state["service"]
         svc.store.flush(30.0)
         # calmline's audit writer is a process of its own: its CPU is the server's too.
         writer = _process_cpu(svc.store.writer_pid)
-        snap["cpu"] += writer
-        snap["threads"]["audit-writer"] = writer
+        snap["cpu"] = time.process_time() + writer
+        snap["threads"] = {**_thread_cpu(), "audit-writer": writer}
         snap.update(_db_counts(str(svc.config.audit.database)))
         snap["commits"] = svc.store.commits
+        snap["cpu_end"] = time.process_time() + writer
+        snap["threads_end"] = {**_thread_cpu(), "audit-writer": writer}
     return snap
 
 
@@ -411,7 +418,8 @@ def measure(handle: ServerHandle, client: asyncio.Runner, sessions: int, concurr
     after = handle.ask("snapshot")
     first = sorted(raw["first"])
     whole = sorted(raw["whole"])
-    server_cpu = after["cpu"] - before["cpu"]
+    server_cpu = after["cpu"] - before.get("cpu_end", before["cpu"])
+    before_threads = before.get("threads_end", before["threads"])
     result = RunResult(
         server=handle.kind,
         concurrency=concurrency,
@@ -429,7 +437,7 @@ def measure(handle: ServerHandle, client: asyncio.Runner, sessions: int, concurr
         server_cpu_pct=server_cpu / raw["wall"] * 100,
         error_samples=raw["errors"][:5],
         server_threads_us_per_session={
-            name: round((cpu - before["threads"].get(name, 0.0)) / sessions * 1e6)
+            name: round((cpu - before_threads.get(name, 0.0)) / sessions * 1e6)
             for name, cpu in after["threads"].items()
         },
     )
