@@ -97,7 +97,7 @@ async def _bare_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         writer.close()
 
 
-async def _start(kind: str, tmpdir: str, state: dict) -> tuple[str, int]:
+async def _start(kind: str, tmpdir: str, state: dict, peers_gc: bool) -> tuple[str, int]:
     if kind == "calmline":
         from calmline import service as service_module
         from calmline.config import Config
@@ -114,7 +114,9 @@ async def _start(kind: str, tmpdir: str, state: dict) -> tuple[str, int]:
         state["devnull"] = open(os.devnull, "w", encoding="utf-8")
         svc = service_module.build(config, stdout=state["devnull"])
         state["service"] = svc
-        return await svc.start()
+        address = await svc.start()
+        service_module.tune_gc()  # as `calmline serve` does
+        return address
     if kind == "panoramisk":
         from panoramisk.fast_agi import Application
 
@@ -130,6 +132,10 @@ async def _start(kind: str, tmpdir: str, state: dict) -> tuple[str, int]:
     else:
         raise ValueError(kind)
     state["server"] = server
+    if peers_gc:
+        from calmline.service import tune_gc
+
+        tune_gc()
     return server.sockets[0].getsockname()[:2]
 
 
@@ -196,7 +202,7 @@ def _snapshot(kind: str, state: dict) -> dict:
     return snap
 
 
-async def _serve(kind: str, conn, tmpdir: str) -> None:
+async def _serve(kind: str, conn, tmpdir: str, peers_gc: bool) -> None:
     import cProfile
     import io
     import pstats
@@ -205,7 +211,7 @@ async def _serve(kind: str, conn, tmpdir: str) -> None:
     loop = asyncio.get_running_loop()
     profiler: cProfile.Profile | None = None
     try:
-        host, port = await _start(kind, tmpdir, state)
+        host, port = await _start(kind, tmpdir, state, peers_gc)
         conn.send({"port": port, "loop": type(loop).__module__ + "." + type(loop).__name__,
                    "tmpdir": tmpdir})
         while True:
@@ -243,20 +249,20 @@ async def _serve(kind: str, conn, tmpdir: str) -> None:
             state["devnull"].close()
 
 
-def server_process(kind: str, conn, use_uvloop: bool, tmpdir: str) -> None:
+def server_process(kind: str, conn, use_uvloop: bool, tmpdir: str, peers_gc: bool) -> None:
     with asyncio.Runner(loop_factory=_new_loop_factory(use_uvloop)) as runner:
-        runner.run(_serve(kind, conn, tmpdir))
+        runner.run(_serve(kind, conn, tmpdir, peers_gc))
 
 
 class ServerHandle:
-    def __init__(self, kind: str, use_uvloop: bool):
+    def __init__(self, kind: str, use_uvloop: bool, peers_gc: bool = False):
         ctx = mp.get_context("spawn")
         self.kind = kind
         self.conn, child = ctx.Pipe()
         # The parent owns the temp directory, so it is removed even if the child dies.
         self.tmpdir = tempfile.mkdtemp(prefix=f"fastagi-bench-{kind}-")
         self.process = ctx.Process(target=server_process,
-                                   args=(kind, child, use_uvloop, self.tmpdir),
+                                   args=(kind, child, use_uvloop, self.tmpdir, peers_gc),
                                    name=f"bench-{kind}", daemon=True)
         self.process.start()
         if not self.conn.poll(60):
@@ -571,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
                              "table shows medians (default 5)")
     parser.add_argument("--uvloop", action="store_true",
                         help="run the servers (and the client) on uvloop")
+    parser.add_argument("--peers-gc", action="store_true",
+                        help="give panoramisk and bare-asyncio calmline's garbage collector "
+                             "settings too (like for like; by default only calmline has them)")
     parser.add_argument("--servers", default=",".join(SERVERS),
                         help=f"comma-separated subset of {','.join(SERVERS)}")
     parser.add_argument("--json", type=Path, help="write the results to this file")
@@ -607,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     handles: dict[str, ServerHandle] = {}
     try:
         for kind in servers:
-            handles[kind] = ServerHandle(kind, args.uvloop)
+            handles[kind] = ServerHandle(kind, args.uvloop, args.peers_gc)
         return _run(args, handles, levels, count, scale, template, started, load_before)
     finally:
         for handle in handles.values():
@@ -666,7 +675,9 @@ def _run(args, handles, levels, count, scale, template, started, load_before) ->
     print(f"calmline {getattr(calmline, '__version__', '?')}, audit: SQLite WAL, synchronous=full, "
           f"temp database file, JSON lines to os.devnull; "
           f"panoramisk {_version('panoramisk')}")
-    print("each server in its own process; one client process; answers sent at once")
+    print("each server in its own process; one client process; answers sent at once; "
+          "garbage collector tuned as `calmline serve` does it (calmline.service.tune_gc) for "
+          + ("every server" if args.peers_gc else "calmline only (--peers-gc: for all)"))
     print(f"{args.repeat} interleaved runs per row, table shows medians; sessions = total over runs; "
           f"warm-up errors: {warmup}")
     print(f"load average before/after: {load_before} / {_loadavg()} (other work on the machine "
