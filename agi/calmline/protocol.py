@@ -274,7 +274,7 @@ class AGIStream(asyncio.Protocol):
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
 
     async def _read_answer(self, command: str) -> Answer:
-        line = (await self._read_until(b"\n", "line")).decode("utf-8", "replace").rstrip("\r\n")
+        line = await self._readline()
         if line == "HANGUP":
             self.hangup_noticed = True
             line = await self._readline()
