@@ -9,6 +9,7 @@ Everything above this module sees typed answers and typed errors, never bytes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from collections.abc import Callable
 from typing import NamedTuple
@@ -63,18 +64,12 @@ def quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+@functools.lru_cache(maxsize=256)  # the names come from code and config: a handful
 def check_name(name: str) -> str:
     """A variable, function or application name: letters, digits, `_`, `.`, one `(args)`."""
-    if name in _NAMES_SEEN:
-        return name
     if not _NAME.match(name):
         raise UnsafeArgument(f"not a valid Asterisk variable or application name: {name[:40]!r}")
-    if len(_NAMES_SEEN) < 256:  # the names come from code and config: a handful
-        _NAMES_SEEN.add(name)
     return name
-
-
-_NAMES_SEEN: set[str] = set()
 
 
 class AGIStream(asyncio.Protocol):
