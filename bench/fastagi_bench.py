@@ -187,18 +187,21 @@ def _snapshot(kind: str, state: dict) -> dict:
     after, so that a run's CPU (this snapshot's `cpu` minus the previous one's `cpu_end`)
     leaves out the counting, which is the benchmark's work, not the server's.
     """
-    snap = {"cpu": time.process_time(), "threads": _thread_cpu()}
-    if kind == "calmline":
-        svc = state["service"]
-        svc.store.flush(30.0)
+    if kind != "calmline":
+        return {"cpu": time.process_time(), "threads": _thread_cpu()}
+    svc = state["service"]
+    svc.store.flush(30.0)
+
+    def clocks() -> tuple[float, dict[str, float]]:
         # calmline's audit writer is a process of its own: its CPU is the server's too.
         writer = _process_cpu(svc.store.writer_pid)
-        snap["cpu"] = time.process_time() + writer
-        snap["threads"] = {**_thread_cpu(), "audit-writer": writer}
-        snap.update(_db_counts(str(svc.config.audit.database)))
-        snap["commits"] = svc.store.commits
-        snap["cpu_end"] = time.process_time() + writer
-        snap["threads_end"] = {**_thread_cpu(), "audit-writer": writer}
+        return time.process_time() + writer, {**_thread_cpu(), "audit-writer": writer}
+
+    snap: dict = {}
+    snap["cpu"], snap["threads"] = clocks()
+    snap.update(_db_counts(str(svc.config.audit.database)))
+    snap["commits"] = svc.store.commits
+    snap["cpu_end"], snap["threads_end"] = clocks()
     return snap
 
 
