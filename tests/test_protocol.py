@@ -536,6 +536,24 @@ def test_environment_with_too_many_lines_is_refused():
     assert type(read_env(data.encode())) is ProtocolError
 
 
+def test_blocks_longer_than_one_socket_read_arrive_whole():
+    """The stream reads the socket 4 KiB at a time; what spans several reads joins up exactly."""
+    name = "".join(chr(0x41 + i % 26) for i in range(9000))
+    value = "v" * 7000 + "]|[" + "w" * 5000
+
+    async def main():
+        async with wire(max_line=16384) as (stream, peer):
+            await peer.send("".join(environment(calleridname=name)).encode()
+                            + f"200 result=1 ({value})\n".encode())
+            env = await stream.read_environment(1)
+            return env, await stream.command("GET FULL VARIABLE x")
+
+    env, answer = run(main())
+    assert env["agi_calleridname"] == name
+    assert env["agi_network_script"] == "warn"
+    assert answer.data == value
+
+
 def test_environment_line_over_max_line_is_refused():
     data = "".join(environment(calleridname="B" * 3000)).encode()
     result = read_env(data, max_line=1024)
