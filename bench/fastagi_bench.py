@@ -61,6 +61,12 @@ ANSWERS = (
 COMMANDS = tuple(c.decode() for c in EXPECTED)
 SERVERS = ("calmline", "panoramisk", "bare-asyncio")
 SESSION_TIMEOUT = 15.0
+# glibc's malloc settings for every server process (bench/README.md, "The allocator lottery").
+# asyncio reads a plain protocol's socket with recv(256 KiB); left to glibc's dynamic
+# thresholds, whether that buffer comes from the heap (~1.4 us a read) or from mmap (~12 us)
+# depends on the process's allocation history, down to one 4 KiB object at import. Pinned,
+# every server reads from the heap: the peers are measured at their best.
+PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 20)}
 
 
 def environment_template() -> str:
@@ -298,10 +304,24 @@ class ServerHandle:
 # --------------------------------------------------------------------------- client
 
 
-class AGIClient(asyncio.Protocol):
-    """Asterisk's side of one session: send the env, answer each expected command at once."""
+_CHUNK = memoryview(bytearray(4096))  # every client reads into this, one read at a time
+
+
+class AGIClient(asyncio.BufferedProtocol):
+    """Asterisk's side of one session: send the env, answer each expected command at once.
+
+    Buffered, as Asterisk reads into a fixed buffer: a plain protocol's reads are
+    `recv(256 KiB)`, which glibc may serve with mmap + munmap at ~11 us each depending on
+    this process's heap, a cost that would then come and go with the client, not the server.
+    """
 
     __slots__ = ("env", "done", "transport", "buf", "index", "t_env", "t_first", "error")
+
+    def get_buffer(self, sizehint):
+        return _CHUNK
+
+    def buffer_updated(self, nbytes):
+        self.data_received(bytes(_CHUNK[:nbytes]))
 
     def __init__(self, env: bytes, done: asyncio.Future):
         self.env = env
@@ -583,6 +603,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers-gc", action="store_true",
                         help="give panoramisk and bare-asyncio calmline's garbage collector "
                              "settings too (like for like; by default only calmline has them)")
+    parser.add_argument("--malloc-as-is", action="store_true",
+                        help="leave glibc's malloc thresholds dynamic in the server processes "
+                             "(by default they are pinned so that no server's socket reads go "
+                             "through mmap by accident of its heap layout)")
     parser.add_argument("--servers", default=",".join(SERVERS),
                         help=f"comma-separated subset of {','.join(SERVERS)}")
     parser.add_argument("--json", type=Path, help="write the results to this file")
@@ -617,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     load_before = _loadavg()
     handles: dict[str, ServerHandle] = {}
+    if not args.malloc_as_is:
+        os.environ.update(PINNED_MALLOC)  # read by each server process's malloc at its start
     try:
         for kind in servers:
             handles[kind] = ServerHandle(kind, args.uvloop, args.peers_gc)
@@ -681,6 +707,10 @@ def _run(args, handles, levels, count, scale, template, started, load_before) ->
     print("each server in its own process; one client process; answers sent at once; "
           "garbage collector tuned as `calmline serve` does it (calmline.service.tune_gc) for "
           + ("every server" if args.peers_gc else "calmline only (--peers-gc: for all)"))
+    print("glibc malloc in the servers: " + (
+        "dynamic thresholds, as each process's history left them (--malloc-as-is)" if args.malloc_as_is
+        else ", ".join(f"{k}={v}" for k, v in PINNED_MALLOC.items())
+        + " (no server's reads go through mmap; --malloc-as-is to leave them dynamic)"))
     print(f"{args.repeat} interleaved runs per row, table shows medians; sessions = total over runs; "
           f"warm-up errors: {warmup}")
     print(f"load average before/after: {load_before} / {_loadavg()} (other work on the machine "
@@ -704,6 +734,7 @@ def _run(args, handles, levels, count, scale, template, started, load_before) ->
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "loop": "uvloop" if args.uvloop else "asyncio",
+            "server_malloc": "dynamic" if args.malloc_as_is else PINNED_MALLOC,
             "server_loops": server_loops,
             "audit": {"journal_mode": "wal", "synchronous": "full", "stdout": "os.devnull"},
             "repeat": args.repeat,
