@@ -222,7 +222,7 @@ async def _serve(kind: str, conn, tmpdir: str, peers_gc: bool) -> None:
     try:
         host, port = await _start(kind, tmpdir, state, peers_gc)
         conn.send({"port": port, "loop": type(loop).__module__ + "." + type(loop).__name__,
-                   "tmpdir": tmpdir})
+                   "tmpdir": tmpdir, "malloc": {k: os.environ.get(k) for k in PINNED_MALLOC}})
         while True:
             message = await loop.run_in_executor(None, conn.recv)
             op = message[0]
@@ -281,6 +281,7 @@ class ServerHandle:
         self.port: int = info["port"]
         self.warm_sessions = 0
         self.loop: str = info["loop"]
+        self.malloc: dict[str, str | None] = info["malloc"]  # as the server process saw it
 
     def ask(self, *message):
         self.conn.send(message)
@@ -635,7 +636,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--uvloop: uvloop is not installed")
 
     import calmline  # noqa: F401  (fail early if missing)
-    import panoramisk  # noqa: F401
+    if "panoramisk" in servers:
+        import panoramisk  # noqa: F401
 
     template = environment_template()
     started = time.time()
@@ -735,6 +737,7 @@ def _run(args, handles, levels, count, scale, template, started, load_before) ->
             "cpus": os.cpu_count(),
             "loop": "uvloop" if args.uvloop else "asyncio",
             "server_malloc": "dynamic" if args.malloc_as_is else PINNED_MALLOC,
+            "server_malloc_seen": {kind: h.malloc for kind, h in handles.items()},
             "server_loops": server_loops,
             "audit": {"journal_mode": "wal", "synchronous": "full", "stdout": "os.devnull"},
             "repeat": args.repeat,
