@@ -61,7 +61,7 @@ ANSWERS = (
 COMMANDS = tuple(c.decode() for c in EXPECTED)
 SERVERS = ("calmline", "panoramisk", "bare-asyncio")
 SESSION_TIMEOUT = 15.0
-# glibc's malloc settings for every server process (bench/README.md, "The allocator lottery").
+# glibc's malloc settings for every server process (bench/README.md, sixth pass).
 # asyncio reads a plain protocol's socket with recv(256 KiB); left to glibc's dynamic
 # thresholds, whether that buffer comes from the heap (~1.4 us a read) or from mmap (~12 us)
 # depends on the process's allocation history, down to one 4 KiB object at import. Pinned,
@@ -318,12 +318,6 @@ class AGIClient(asyncio.BufferedProtocol):
 
     __slots__ = ("env", "done", "transport", "buf", "index", "t_env", "t_first", "error")
 
-    def get_buffer(self, sizehint):
-        return _CHUNK
-
-    def buffer_updated(self, nbytes):
-        self.data_received(bytes(_CHUNK[:nbytes]))
-
     def __init__(self, env: bytes, done: asyncio.Future):
         self.env = env
         self.done = done
@@ -331,6 +325,12 @@ class AGIClient(asyncio.BufferedProtocol):
         self.index = 0
         self.t_env = self.t_first = 0.0
         self.error: str | None = None
+
+    def get_buffer(self, sizehint):
+        return _CHUNK
+
+    def buffer_updated(self, nbytes):
+        self.data_received(bytes(_CHUNK[:nbytes]))
 
     def connection_made(self, transport):
         self.transport = transport
