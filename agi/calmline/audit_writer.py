@@ -28,7 +28,9 @@ from calmline.audit import INSERT, Renderer
 
 LINGER = 0.05  # seconds an event nobody waits on may wait for company before its commit
 RETRY_FIRST, RETRY_MAX = 0.05, 2.0  # seconds between attempts while the store refuses
-READ_SIZE = 1 << 16  # a read of 1 MiB costs ~10 us more: the buffer is allocated whole each time
+# Each read allocates its whole buffer: at 1 MiB, above glibc's mmap threshold, that was an
+# mmap and a munmap per read, ~10 us (bench/README.md, fourth and sixth passes).
+READ_SIZE = 1 << 16
 ECHO_LIMIT = 4 << 20  # bytes of JSON lines that may wait for stdout's reader before some are dropped
 
 
