@@ -379,7 +379,7 @@ class Lab:
         return mark
 
     def audit_events(self) -> list[dict]:
-        from calmline.audit import read_events
+        from calmline.audit.trail import read_events
 
         time.sleep(0.2)
         return read_events(self.audit_db, limit=100000)

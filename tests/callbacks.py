@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from calmline.outbox import CallbackRequest
+from calmline.callback.outbox import CallbackRequest
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
 CALLER = "bob@example.com"

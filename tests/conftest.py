@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from calmline import service as service_module  # noqa: E402
-from calmline.audit import read_events  # noqa: E402
+from calmline.audit.trail import read_events  # noqa: E402
 from calmline.config import Config  # noqa: E402
 
 

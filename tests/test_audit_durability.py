@@ -18,7 +18,7 @@ import structlog
 from conftest import run
 from fake_asterisk import bridged_caller, environment, run_session
 
-from calmline.audit import AuditStore, AuditTrail, configure
+from calmline.audit.trail import AuditStore, AuditTrail, configure
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -268,7 +268,7 @@ def test_events_logged_from_a_worker_thread_reach_the_store_while_the_loop_sleep
 
         def worker():
             time.sleep(0.3)  # until the loop has nothing to do and sleeps in its selector
-            log = structlog.get_logger("calmline.mail")
+            log = structlog.get_logger("calmline.callback.mail")
             for i in range(200):
                 log.info("mail_sent", n=i)
             deadline = time.monotonic() + 3

@@ -13,9 +13,9 @@ import pytest
 import structlog
 from conftest import run
 
-from calmline import audit
-from calmline.audit import AuditStore, AuditTrail, Renderer, configure, read_events, render
-from calmline.audit_writer import Echo
+from calmline.audit import trail as audit
+from calmline.audit.trail import AuditStore, AuditTrail, Renderer, configure, read_events, render
+from calmline.audit.writer import Echo
 
 T = 1795350788.123456
 CALL = {"session": "ab12cd-7", "peer": "127.0.0.1:40000", "action": "warn", "uniqueid": "1795350788.44",

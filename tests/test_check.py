@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from calmline import check
-from calmline.dialplan import FEATURES_FILE
+from calmline.admin import check
+from calmline.admin.dialplan import FEATURES_FILE
 from calmline.config import Config
 
 PROMPTS = len(Config().prompt_names())  # every prompt the default config plays

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from calmline import config as config_module
-from calmline import dialplan
+from calmline.admin import dialplan
 from calmline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from aiosmtpd.controller import Controller
 from conftest import run
 from fake_asterisk import bridged_caller, environment, run_session
 
-from calmline.outbox import Outbox
+from calmline.callback.outbox import Outbox
 
 
 class Inbox:

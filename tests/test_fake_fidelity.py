@@ -25,7 +25,7 @@ from fake_asterisk import (
 )
 
 from calmline.errors import UnsafeArgument
-from calmline.protocol import quote
+from calmline.fastagi.protocol import quote
 
 
 def _channel_name(records: list[dict]) -> str:

@@ -28,10 +28,10 @@ from aiosmtpd.smtp import AuthResult
 from callbacks import CALLER, make_request
 from structlog.testing import capture_logs
 
-from calmline import mail
+from calmline.callback import mail
 from calmline.config import MailConfig
 from calmline.errors import ConfigError
-from calmline.mail import (
+from calmline.callback.mail import (
     MailError,
     OutboxWorker,
     build_caller_message,
@@ -40,7 +40,7 @@ from calmline.mail import (
     outbox_report,
     send,
 )
-from calmline.outbox import Outbox
+from calmline.callback.outbox import Outbox
 
 TEAM = "team@example.org"
 SENDER = "calmline@example.org"
@@ -401,7 +401,7 @@ def test_async_worker_retries_with_backoff_until_server_returns(down_smtp: SMTPS
 _QUEUE_THEN_DIE = """
 import os, signal, sys
 from datetime import datetime, timezone
-from calmline.outbox import CallbackRequest, Outbox
+from calmline.callback.outbox import CallbackRequest, Outbox
 box = Outbox(sys.argv[1])
 box.add(CallbackRequest(
     key="kill-1", created_at=datetime.now(timezone.utc), caller_number="+15550199",

@@ -21,7 +21,7 @@ from callbacks import T0, make_request
 from structlog.testing import capture_logs
 
 from calmline.config import MailConfig
-from calmline.outbox import Outbox, backoff, caller_address
+from calmline.callback.outbox import Outbox, backoff, caller_address
 
 
 @pytest.fixture
@@ -270,7 +270,7 @@ def test_claimed_items_are_invisible_to_other_workers_until_the_claim_expires(tm
 
 _KILL_AFTER_CLAIM = """
 import os, signal, sys
-from calmline.outbox import Outbox
+from calmline.callback.outbox import Outbox
 box = Outbox(sys.argv[1])
 [item] = box.due(1000.0, claim_for=30.0)
 os.kill(os.getpid(), signal.SIGKILL)  # dies "while sending"

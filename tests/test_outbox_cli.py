@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 from aiosmtpd.controller import Controller
 
-from calmline.outbox import CallbackRequest, Outbox
+from calmline.callback.outbox import CallbackRequest, Outbox
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ import pytest
 
 from calmline.config import Config
 from calmline.errors import ConfigError
-from calmline.prompts import SHIPPED_DIR, InstallResult, install, missing_prompts, shipped_prompts
+from calmline.admin.prompts import SHIPPED_DIR, InstallResult, install, missing_prompts, shipped_prompts
 
 EN = SHIPPED_DIR / "en" / "calmline"
 SHIPPED_WAVS = sorted(EN.glob("*.wav"))

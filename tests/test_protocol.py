@@ -19,7 +19,7 @@ from calmline.errors import (
     UnsafeArgument,
     UsageError,
 )
-from calmline.protocol import AGIStream, Answer
+from calmline.fastagi.protocol import AGIStream, Answer
 
 
 class Peer:

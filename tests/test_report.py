@@ -19,8 +19,8 @@ import pytest
 from conftest import run
 from fake_asterisk import bridged_caller, environment, run_session
 
-from calmline.audit import AuditStore
-from calmline.report import KINDS, agent_endpoint, build_report, render_html
+from calmline.audit.trail import AuditStore
+from calmline.audit.report import KINDS, agent_endpoint, build_report, render_html
 
 NOW = datetime(2025, 3, 10, 12, 0, tzinfo=timezone.utc)
 SINCE = datetime(2025, 3, 4, tzinfo=timezone.utc)

@@ -53,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from calmline.check import run_checks
+    from calmline.admin.check import run_checks
 
     cfg, source = _load(args)
     problems, notes = run_checks(cfg, args)
@@ -86,7 +86,7 @@ def _unreadable(path: Path, exc: Exception) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     import sqlite3
 
-    from calmline.audit import read_events
+    from calmline.audit.trail import read_events
 
     cfg, _source = _load(args)
     path = _audit_database(cfg)
@@ -106,7 +106,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     import sqlite3
     from datetime import datetime, timedelta, timezone
 
-    from calmline.report import build_report, render_html
+    from calmline.audit.report import build_report, render_html
 
     cfg, _source = _load(args)
     path = _audit_database(cfg)
@@ -133,7 +133,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_dialplan(args: argparse.Namespace) -> int:
-    from calmline import dialplan
+    from calmline.admin import dialplan
 
     cfg, source = _load(args)
     files = dialplan.render(cfg, source)
@@ -148,7 +148,7 @@ def cmd_dialplan(args: argparse.Namespace) -> int:
 
 
 def cmd_prompts(args: argparse.Namespace) -> int:
-    from calmline import prompts
+    from calmline.admin import prompts
 
     cfg, _source = _load(args)
     languages = args.language or list(cfg.prompts.languages)
@@ -169,9 +169,9 @@ def cmd_prompts(args: argparse.Namespace) -> int:
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
-    from calmline.audit import configure_console
-    from calmline.mail import OutboxWorker, outbox_report
-    from calmline.outbox import Outbox
+    from calmline.audit.trail import configure_console
+    from calmline.callback.mail import OutboxWorker, outbox_report
+    from calmline.callback.outbox import Outbox
 
     cfg, _source = _load(args)
     if not cfg.mail.outbox.exists():

@@ -14,16 +14,16 @@ import sys
 from dataclasses import dataclass
 from typing import TextIO
 
-from calmline.actions import Action, Registry
+from calmline.fastagi.contract import Action, Registry
 from calmline.actions.end import End
 from calmline.actions.transfer import KeyedColleagueTransfer, Transfer, TransferResult
 from calmline.actions.warn import Warn
-from calmline.audit import AuditStore, AuditTrail, configure
+from calmline.audit.trail import AuditStore, AuditTrail, configure
 from calmline.config import TRANSFER_RESULT_PATH, Config
 from calmline.errors import ConfigError
-from calmline.mail import OutboxWorker
-from calmline.outbox import Outbox
-from calmline.server import FastAGIServer
+from calmline.callback.mail import OutboxWorker
+from calmline.callback.outbox import Outbox
+from calmline.fastagi.server import FastAGIServer
 
 
 def build_registry(config: Config, outbox: Outbox | None = None, worker: OutboxWorker | None = None) -> Registry:

@@ -11,10 +11,10 @@ import asyncio
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from calmline.actions import ActionContext
+from calmline.fastagi.contract import ActionContext
 from calmline.config import EndConfig
 from calmline.errors import ApplicationMissing, PromptMissing
-from calmline.outbox import CallbackRequest, Outbox
+from calmline.callback.outbox import CallbackRequest, Outbox
 
 CEL_EVENT = "CALMLINE_ENDED"
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 
-from calmline.actions import ActionContext
-from calmline.channel import channel_argument
+from calmline.fastagi.contract import ActionContext
+from calmline.fastagi.channel import channel_argument
 from calmline.config import ColleagueKeyedConfig, TransferTarget
 from calmline.errors import CalmlineError
 

@@ -6,7 +6,7 @@ knows how many warnings this caller has had.
 
 from __future__ import annotations
 
-from calmline.actions import Action, ActionContext
+from calmline.fastagi.contract import Action, ActionContext
 from calmline.config import WarnConfig
 
 

@@ -3,7 +3,7 @@
 When an agent ends an abusive call, the session builds a `CallbackRequest` and calls
 `Outbox.add`. That commits (SQLite, WAL, `synchronous=FULL`) one row per message to send: the
 team's callback mail, and the caller's follow-up mail when the channel gave a usable address.
-The mail worker (`calmline.mail.OutboxWorker`) delivers due rows and marks them sent, or
+The mail worker (`calmline.callback.mail.OutboxWorker`) delivers due rows and marks them sent, or
 schedules a retry with exponential backoff; after `mail.max_attempts` a row is `failed` and
 waits for an admin (`calmline outbox`, `retry_now`).
 
@@ -32,7 +32,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from calmline.config import MailConfig
 
-log = structlog.get_logger("calmline.outbox")
+log = structlog.get_logger("calmline.callback.outbox")
 
 Kind = Literal["team", "caller"]
 Status = Literal["pending", "sent", "failed"]

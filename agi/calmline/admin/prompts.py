@@ -22,7 +22,7 @@ from calmline.errors import ConfigError
 
 def _shipped_dir() -> Path:
     """The shipped prompts: the checkout's dialplan/prompts, else where pip put them."""
-    checkout = Path(__file__).resolve().parents[2] / "dialplan" / "prompts"
+    checkout = Path(__file__).resolve().parents[3] / "dialplan" / "prompts"
     installed = Path(sys.prefix) / "share" / "calmline" / "prompts"
     return checkout if checkout.is_dir() or not installed.is_dir() else installed
 

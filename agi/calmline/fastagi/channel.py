@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from calmline.errors import ApplicationMissing, CallerHungUp, PromptMissing, UnsafeArgument
-from calmline.protocol import AGIStream, Answer, check_name, quote
+from calmline.fastagi.protocol import AGIStream, Answer, check_name, quote
 
 _SNAPSHOT_SEPARATOR = "]|["
 _CHANNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9/@;._+:#*-]*$")

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from calmline.actions import ActionContext, CallIdentity, Registry
-from calmline import audit
-from calmline.audit import AuditTrail
-from calmline.channel import Channel
+from calmline.fastagi.contract import ActionContext, CallIdentity, Registry
+from calmline.audit import trail as audit
+from calmline.audit.trail import AuditTrail
+from calmline.fastagi.channel import Channel
 from calmline.config import Config
 from calmline.errors import CalmlineError, ConnectionLost, Refused
-from calmline.protocol import AGIStream
+from calmline.fastagi.protocol import AGIStream
 
 STATUS_VARIABLE = "CALMLINE_STATUS"
 _session_ids = itertools.count(1)

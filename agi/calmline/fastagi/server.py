@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 
-from calmline.actions import Registry
-from calmline.audit import AuditTrail
+from calmline.fastagi.contract import Registry
+from calmline.audit.trail import AuditTrail
 from calmline.config import Config
-from calmline.protocol import AGIStream
-from calmline.session import Session
+from calmline.fastagi.protocol import AGIStream
+from calmline.fastagi.session import Session
 
 
 class FastAGIServer:

@@ -3,7 +3,7 @@
 structlog's pipeline runs in two stages. In the service, a bound logger captures each event
 with the call's identity (bound once per session in a contextvar) and the time; `AuditStore`
 ships the captured events, a batch per event-loop turn (a step at once), to a writer process
-(`calmline.audit_writer`), which renders them (the same `stamped()` + JSON as everywhere),
+(`calmline.audit.writer`), which renders them (the same `stamped()` + JSON as everywhere),
 echoes one JSON line each to stdout for log shippers, and appends them to SQLite (WAL) in
 grouped commits, acknowledging each commit. `step()` returns only once its event is
 committed, so a step an action has moved past is on disk even if the service is killed.
@@ -430,12 +430,12 @@ class AuditStore:
     def _spawn(self, *, register: bool = True) -> None:
         echo = self._echo_fd()
         ack_r, ack_w = os.pipe()
-        package_root = str(Path(__file__).resolve().parents[1])
+        package_root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)}
         try:
             self._child = subprocess.Popen(
-                [sys.executable, "-m", "calmline.audit_writer", str(self.path), self._synchronous,
+                [sys.executable, "-m", "calmline.audit.writer", str(self.path), self._synchronous,
                  str(ack_w), "echo" if echo is not None else "quiet"],
                 stdin=subprocess.PIPE, stdout=echo if echo is not None else subprocess.DEVNULL,
                 pass_fds=(ack_w,), env=env,
@@ -767,7 +767,7 @@ class AuditTrail:
             self._log = self._wrap(_StoreLogger(store))
             self._durable_log = self._wrap(_StoreLogger(store, urgent=True))
         else:
-            self._log = self._durable_log = structlog.get_logger("calmline.audit")
+            self._log = self._durable_log = structlog.get_logger("calmline.audit.trail")
 
     @staticmethod
     def _wrap(logger: _StoreLogger) -> Any:

@@ -9,7 +9,7 @@ a real `Bcc:` line into the message on Python versions before 3.11.10 / 3.12.5. 
 envelope is always given explicitly, never derived from headers.
 
 Delivery runs in a worker thread (`asyncio.to_thread`), so a slow or dead SMTP server never
-blocks a caller's session. Every step is logged on `calmline.mail`.
+blocks a caller's session. Every step is logged on `calmline.callback.mail`.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import structlog
 
 from calmline.config import MailConfig
 from calmline.errors import CalmlineError, ConfigError
-from calmline.outbox import CallbackRequest, Outbox, OutboxItem, caller_address
+from calmline.callback.outbox import CallbackRequest, Outbox, OutboxItem, caller_address
 
-log = structlog.get_logger("calmline.mail")
+log = structlog.get_logger("calmline.callback.mail")
 
 HEADER_LIMIT = 200
 SUBJECT_LIMIT = 300

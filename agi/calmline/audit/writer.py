@@ -1,6 +1,6 @@
 """The audit trail's writer process: render, echo and commit the service's events in groups.
 
-The service starts it with `python -m calmline.audit_writer DATABASE SYNCHRONOUS ACK_FD
+The service starts it with `python -m calmline.audit.writer DATABASE SYNCHRONOUS ACK_FD
 echo|quiet` and writes frames to its stdin: a 4-byte length, then a marshalled
 `(first_seq, urgent, records)`. Each record is rendered to its JSON line (echoed on stdout
 when asked) and appended to SQLite; after each commit the highest committed seq goes back
@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from calmline.audit import INSERT, Renderer
+from calmline.audit.trail import INSERT, Renderer
 
 LINGER = 0.05  # seconds an event nobody waits on may wait for company before its commit
 RETRY_FIRST, RETRY_MAX = 0.05, 2.0  # seconds between attempts while the store refuses

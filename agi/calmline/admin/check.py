@@ -43,7 +43,7 @@ def _check_port(cfg: Config) -> tuple[list[str], list[str]]:
 
 
 def _check_prompts(cfg: Config) -> tuple[list[str], list[str]]:
-    from calmline.prompts import missing_prompts
+    from calmline.admin.prompts import missing_prompts
 
     sounds = cfg.prompts.sounds_dir
     languages = list(cfg.prompts.languages)
@@ -145,7 +145,7 @@ def read_features_conf(path: Path) -> tuple[list[FeatureEntry], list[str], list[
     """
     from asterisk.config import ParseError
 
-    from calmline.dialplan import MARKER
+    from calmline.admin.dialplan import MARKER
 
     conf_class = _features_conf_class()
     entries: list[FeatureEntry] = []
@@ -425,7 +425,7 @@ def _compare_loaded(features: list[Feature], loaded: dict[str, str], where: str)
 def _check_mail(cfg: Config) -> tuple[list[str], list[str]]:
     if not (cfg.end.enabled and cfg.mail.enabled):
         return [], []
-    from calmline.mail import check_templates
+    from calmline.callback.mail import check_templates
 
     problems = check_templates(cfg.mail)
     if cfg.mail.password_env and cfg.mail.password_env not in os.environ:

@@ -1,0 +1,1 @@
+"""Admin tools: the rendered dialplan, the shipped prompts and `calmline check`."""

@@ -1,0 +1,86 @@
+"""The contract between the FastAGI layer and an action: what an action gets and implements.
+
+An action is a small object with a `run(context)` coroutine that talks to a `Channel`
+and records its steps; it knows nothing of sockets, so it can be tested with a fake channel.
+`build_registry()` wires the enabled actions from config explicitly: no import side effects,
+no module globals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from calmline.audit.trail import AuditTrail
+from calmline.fastagi.channel import Channel
+
+RunsOn = Literal["caller", "agent"]
+
+
+@dataclass(frozen=True, slots=True)
+class CallIdentity:
+    """Who and what the session is about, for the audit trail and the callback request."""
+
+    uniqueid: str
+    channel: str
+    caller_number: str
+    caller_name: str
+    language: str = "en"
+    linkedid: str = ""
+    agent_channel: str = ""
+    caller_channel: str = ""
+
+    @classmethod
+    def from_environment(cls, env: dict[str, str]) -> CallIdentity:
+        name = env.get("agi_calleridname", "")
+        return cls(
+            uniqueid=env.get("agi_uniqueid", ""),
+            channel=env.get("agi_channel", ""),
+            caller_number=env.get("agi_callerid", ""),
+            caller_name="" if name == "unknown" else name,
+            language=env.get("agi_language", "en") or "en",
+        )
+
+    def with_bridge(self, linkedid: str, bridge_peer: str, runs_on: RunsOn) -> CallIdentity:
+        """Fill in the call's linkedid and which leg is the agent's, from BRIDGEPEER."""
+        agent, caller = (bridge_peer, self.channel) if runs_on == "caller" else (self.channel, bridge_peer)
+        return CallIdentity(self.uniqueid, self.channel, self.caller_number, self.caller_name,
+                            self.language, linkedid, agent, caller)
+
+
+@dataclass(frozen=True, slots=True)
+class ActionContext:
+    """Everything an action may use: the channel, the call, prefetched values, the audit."""
+
+    channel: Channel
+    call: CallIdentity
+    values: dict[str, str]
+    params: dict[str, str]
+    audit: AuditTrail
+
+
+class Action(Protocol):
+    """A keypad action. `reads` are variables fetched with the call's identity in one trip."""
+
+    runs_on: RunsOn
+    reads: tuple[str, ...]
+
+    async def run(self, context: ActionContext) -> str: ...
+
+
+class Registry:
+    """Maps request paths (`warn`, `transfer/supervisor`) to actions."""
+
+    def __init__(self) -> None:
+        self._actions: dict[str, Action] = {}
+
+    def add(self, path: str, action: Action) -> None:
+        if path in self._actions:
+            raise ValueError(f"two actions registered at path {path!r}")
+        self._actions[path] = action
+
+    def resolve(self, path: str) -> Action | None:
+        return self._actions.get(path)
+
+    def paths(self) -> list[str]:
+        return sorted(self._actions)
