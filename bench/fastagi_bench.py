@@ -110,12 +110,8 @@ async def _start(kind: str, tmpdir: str, state: dict, peers_gc: bool) -> tuple[s
 
         config = Config.model_validate({
             "server": {"host": "127.0.0.1", "port": 0},
-            "audit": {
-                "database": os.path.join(tmpdir, "audit.sqlite3"),
-                "stdout": True,
-                "synchronous": "full",
-            },
-            "mail": {"outbox": os.path.join(tmpdir, "outbox.sqlite3")},
+            "store": {"url": "sqlite:///" + os.path.join(tmpdir, "calmline.sqlite3")},
+            "audit": {"stdout": True},
         })
         state["devnull"] = open(os.devnull, "w", encoding="utf-8")
         svc = service_module.build(config, stdout=state["devnull"])
@@ -199,13 +195,11 @@ def _snapshot(kind: str, state: dict) -> dict:
     svc.store.flush(30.0)
 
     def clocks() -> tuple[float, dict[str, float]]:
-        # calmline's audit writer is a process of its own: its CPU is the server's too.
-        writer = _process_cpu(svc.store.writer_pid)
-        return time.process_time() + writer, {**_thread_cpu(), "audit-writer": writer}
+        return time.process_time(), _thread_cpu()
 
     snap: dict = {}
     snap["cpu"], snap["threads"] = clocks()
-    snap.update(_db_counts(str(svc.config.audit.database)))
+    snap.update(_db_counts(str(svc.store.db.path)))
     snap["commits"] = svc.store.commits
     snap["cpu_end"], snap["threads_end"] = clocks()
     return snap
@@ -247,7 +241,7 @@ async def _serve(kind: str, conn, tmpdir: str, peers_gc: bool) -> None:
                     svc = state["service"]
                     await svc.stop(grace=5.0)
                     state["devnull"].close()
-                    final = _db_counts(str(svc.config.audit.database))
+                    final = _db_counts(str(svc.store.db.path))
                     final["commits"] = svc.store.commits
                 else:
                     state["server"].close()

@@ -292,7 +292,7 @@ class Lab:
     def config_text(self, extra: str = "") -> str:
         return (
             f'[server]\nport = {self.port}\n\n'
-            f'[audit]\ndatabase = "{self.audit_db}"\n\n'
+            f'[store]\nurl = "sqlite:///{self.audit_db}"\n\n'
             f'[dialplan]\nservice_url = "agi://127.0.0.1:{self.port}"\nmoh_class = "default"\n\n'
             f'[prompts]\nsounds_dir = "{SOUNDS}"\n\n'
             f'[transfer.supervisor]\ncode = "*3"\ndial = "Local/answers@sim-targets"\n'
@@ -302,7 +302,7 @@ class Lab:
             f'prompt = "calmline/transfer-colleague"\nreason = "needs another agent"\n'
             f'fallback = "dial"\nfallback_dial = "Local/2002@sim-targets"\n\n'
             f'[transfer.colleague_keyed]\ndial_template = "Local/{{ext}}@sim-targets"\n\n'
-            f'[mail]\noutbox = "{self.workdir / "outbox.sqlite3"}"\nport = {self.smtp_port}\n'
+            f'[mail]\nport = {self.smtp_port}\n'
             f'team_address = "team@example.com"\nretry_initial_seconds = 1.0\n'
             + extra
         )
@@ -379,10 +379,11 @@ class Lab:
         return mark
 
     def audit_events(self) -> list[dict]:
-        from calmline.audit.trail import read_events
+        from calmline.audit.store import read_events
+        from calmline.store import Database
 
         time.sleep(0.2)
-        return read_events(self.audit_db, limit=100000)
+        return read_events(Database(f"sqlite:///{self.audit_db}"), limit=100000)
 
     def cli(self, command: str) -> str:
         result = subprocess.run(["bash", str(SHARED / "run-asterisk.sh"), "cli", str(self.run_dir), command],

@@ -12,15 +12,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from calmline import service as service_module  # noqa: E402
-from calmline.audit.trail import read_events  # noqa: E402
+from calmline.audit.store import read_events  # noqa: E402
 from calmline.config import Config  # noqa: E402
 
 
 def make_config(tmp_path: Path, **sections) -> Config:
     data = {
         "server": {"host": "127.0.0.1", "port": 0, "environment_timeout": 1.0, "answer_timeout": 5.0},
-        "audit": {"database": str(tmp_path / "audit.sqlite3"), "stdout": True},
-        "mail": {"outbox": str(tmp_path / "outbox.sqlite3"), "port": 1},
+        "store": {"url": f"sqlite:///{tmp_path / 'calmline.sqlite3'}"},
+        "audit": {"stdout": True},
+        "mail": {"port": 1},
     }
     for key, value in sections.items():
         data.setdefault(key, {}).update(value)
@@ -50,7 +51,7 @@ class RunningService:
 
     def events(self, **filters):
         self.svc.store.flush()
-        events = read_events(self.svc.config.audit.database, limit=100000)
+        events = read_events(self.svc.store.db, limit=100000)
         return [e for e in events if all(e.get(k) == v for k, v in filters.items())]
 
 

@@ -59,14 +59,26 @@ def test_missing_config_file_names_the_fix(tmp_path):
     assert "no such config file" in result.stderr
 
 
-@pytest.mark.parametrize(("section", "key"), [("audit", "database"), ("mail", "outbox")])
-def test_unwritable_store_paths_name_the_key(tmp_path, section, key):
+def test_an_unwritable_store_names_the_key(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     path = tmp_path / "c.toml"
-    path.write_text(f'[server]\nport = 0\n[{section}]\n{key} = "{blocker}/x.sqlite3"\n')
+    path.write_text(f'[server]\nport = 0\n[store]\nurl = "sqlite:///{blocker}/x.sqlite3"\n')
     result = subprocess.run([sys.executable, "-m", "calmline", "-c", str(path), "serve"],
                             capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert result.returncode == 2
-    assert f"{section}.{key}: cannot open" in result.stderr
+    assert "store.url: cannot open" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("section", "key"), [("audit", "database"), ("mail", "outbox"), ("audit", "synchronous")])
+def test_a_key_that_moved_names_where_it_went(section, key):
+    with pytest.raises(ConfigError) as caught:
+        parse(f'[{section}]\n{key} = "x"\n', "c.toml")
+    assert f"{section}.{key}: this key moved to" in str(caught.value)
+    assert "store.url" in str(caught.value) or "remove it" in str(caught.value)
+
+
+def test_a_store_url_calmline_cannot_use_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"c.toml: store: .*sqlite:///"):
+        parse('[store]\nurl = "mysql://db/calmline"\n', "c.toml")

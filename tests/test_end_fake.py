@@ -13,6 +13,7 @@ from conftest import run
 from fake_asterisk import bridged_caller, environment, run_session
 
 from calmline.callback.outbox import Outbox
+from stores import outbox_at, sqlite_db  # noqa: E402
 
 
 class Inbox:
@@ -121,7 +122,7 @@ def test_smtp_down_keeps_the_request_pending(serving, tmp_path):
             return svc
 
     svc = run(main())
-    items = Outbox(tmp_path / "outbox.sqlite3").items()
+    items = outbox_at(tmp_path / "calmline.sqlite3").items()
     assert [(i.kind, i.status) for i in items] == [("team", "pending")]
     assert svc.events(event="mail_failed")
     # the caller's call was still ended

@@ -41,6 +41,7 @@ from calmline.callback.mail import (
     send,
 )
 from calmline.callback.outbox import Outbox
+from stores import outbox_at, sqlite_db  # noqa: E402
 
 TEAM = "team@example.org"
 SENDER = "calmline@example.org"
@@ -153,7 +154,7 @@ def mail_cfg(server: SMTPServer, **overrides) -> MailConfig:
 
 @pytest.fixture
 def outbox(tmp_path: Path):
-    box = Outbox(tmp_path / "outbox.sqlite3")
+    box = outbox_at(tmp_path / "outbox.sqlite3")
     yield box
     box.close()
 
@@ -357,7 +358,7 @@ def test_rcpt_refusal_is_a_mail_error_with_code(smtp: SMTPServer):
 def test_async_worker_recovers_from_outage_after_restart(down_smtp: SMTPServer, tmp_path: Path):
     path = tmp_path / "outbox.sqlite3"
     cfg = mail_cfg(down_smtp)
-    first = Outbox(path)
+    first = outbox_at(path)
     first.add(make_request())
     assert OutboxWorker(first, cfg).deliver_due_now() == (0, 2)
     first.close()  # the service stops with mail still pending
@@ -365,7 +366,7 @@ def test_async_worker_recovers_from_outage_after_restart(down_smtp: SMTPServer, 
     down_smtp.start()
 
     async def service_restarts() -> None:
-        box = Outbox(path)
+        box = outbox_at(path)
         worker = OutboxWorker(box, cfg, max_sleep=5.0)
         task = asyncio.create_task(worker.run())
         await until(lambda: len(down_smtp.received) == 2)
@@ -402,7 +403,10 @@ _QUEUE_THEN_DIE = """
 import os, signal, sys
 from datetime import datetime, timezone
 from calmline.callback.outbox import CallbackRequest, Outbox
-box = Outbox(sys.argv[1])
+from calmline.store import Database
+db = Database("sqlite:///" + sys.argv[1])
+db.open_checked()
+box = Outbox(db)
 box.add(CallbackRequest(
     key="kill-1", created_at=datetime.now(timezone.utc), caller_number="+15550199",
     caller_name="Killed Before Send", caller_email="bob@example.com", agent="PJSIP/2001",
@@ -420,7 +424,7 @@ def test_sigkill_between_queueing_and_sending_delivers_exactly_once(smtp: SMTPSe
     cfg = mail_cfg(smtp)
 
     async def fresh_service() -> None:
-        box = Outbox(path)
+        box = outbox_at(path)
         worker = OutboxWorker(box, cfg, max_sleep=5.0)
         task = asyncio.create_task(worker.run())
         await until(lambda: [i.status for i in box.items()] == ["sent", "sent"])

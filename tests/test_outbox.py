@@ -22,11 +22,12 @@ from structlog.testing import capture_logs
 
 from calmline.config import MailConfig
 from calmline.callback.outbox import Outbox, backoff, caller_address
+from stores import outbox_at, sqlite_db  # noqa: E402
 
 
 @pytest.fixture
 def outbox(tmp_path: Path):
-    box = Outbox(tmp_path / "var" / "outbox.sqlite3")
+    box = outbox_at(tmp_path / "var" / "outbox.sqlite3")
     yield box
     box.close()
 
@@ -144,7 +145,7 @@ def test_duplicate_key_adds_nothing(outbox: Outbox):
 
 def test_concurrent_adds_of_one_key_from_separate_connections(tmp_path: Path):
     path = tmp_path / "outbox.sqlite3"
-    boxes = [Outbox(path) for _ in range(8)]
+    boxes = [outbox_at(path) for _ in range(8)]
     results: list[bool] = []
     barrier = threading.Barrier(len(boxes))
 
@@ -239,24 +240,24 @@ def test_items_rejects_unknown_status(outbox: Outbox):
 
 def test_file_is_private_wal_and_survives_reopen(tmp_path: Path):
     path = tmp_path / "deep" / "dir" / "outbox.sqlite3"
-    box = Outbox(path)
+    box = outbox_at(path)
     box.add(make_request())
     box.close()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     raw = sqlite3.connect(path)
     assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     raw.close()
-    reopened = Outbox(path)
+    reopened = outbox_at(path)
     assert [(i.kind, i.status) for i in reopened.items()] == [("team", "pending"), ("caller", "pending")]
     assert reopened.add(make_request()) is False
     reopened.close()
-    with pytest.raises(sqlite3.ProgrammingError):
+    with pytest.raises(RuntimeError, match="is closed"):
         reopened.items()
 
 
 def test_claimed_items_are_invisible_to_other_workers_until_the_claim_expires(tmp_path: Path):
     path = tmp_path / "outbox.sqlite3"
-    service, cli = Outbox(path), Outbox(path)
+    service, cli = outbox_at(path), outbox_at(path)
     service.add(make_request(caller_email=None))
     [claimed] = service.due(1000.0, claim_for=60.0)
     assert cli.due(1000.0) == []  # the other process does not send it too
@@ -271,7 +272,10 @@ def test_claimed_items_are_invisible_to_other_workers_until_the_claim_expires(tm
 _KILL_AFTER_CLAIM = """
 import os, signal, sys
 from calmline.callback.outbox import Outbox
-box = Outbox(sys.argv[1])
+from calmline.store import Database
+db = Database("sqlite:///" + sys.argv[1])
+db.open_checked()
+box = Outbox(db)
 [item] = box.due(1000.0, claim_for=30.0)
 os.kill(os.getpid(), signal.SIGKILL)  # dies "while sending"
 """
@@ -279,12 +283,12 @@ os.kill(os.getpid(), signal.SIGKILL)  # dies "while sending"
 
 def test_sigkill_after_claim_leaves_the_message_for_a_later_worker(tmp_path: Path):
     path = tmp_path / "outbox.sqlite3"
-    box = Outbox(path)
+    box = outbox_at(path)
     box.add(make_request(caller_email=None))
     box.close()
     proc = subprocess.run([sys.executable, "-c", _KILL_AFTER_CLAIM, str(path)], capture_output=True, timeout=30)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
-    fresh = Outbox(path)
+    fresh = outbox_at(path)
     assert fresh.due(1010.0) == []
     [item] = fresh.due(1030.0)
     assert item.status == "pending" and item.attempts == 0

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from aiosmtpd.controller import Controller
 
 from calmline.callback.outbox import CallbackRequest, Outbox
+from stores import outbox_at, sqlite_db  # noqa: E402
 
 
 def free_port() -> int:
@@ -27,8 +28,8 @@ def test_outbox_lists_pending_mail_then_retry_now_sends_it(tmp_path):
     port = free_port()
     box_path = tmp_path / "outbox.sqlite3"
     config = tmp_path / "calmline.toml"
-    config.write_text(f'[mail]\nport = {port}\noutbox = "{box_path}"\nteam_address = "team@example.com"\n')
-    with Outbox(box_path) as box:
+    config.write_text(f'[store]\nurl = "sqlite:///{box_path}"\n[mail]\nport = {port}\nteam_address = "team@example.com"\n')
+    with outbox_at(box_path) as box:
         box.add(CallbackRequest(
             key="1795350788.44", created_at=datetime.now(timezone.utc), caller_number="+15551234567",
             caller_name="Bob", agent="PJSIP/alice-00000001", warnings=2, reason="abusive caller",

@@ -21,6 +21,7 @@ from fake_asterisk import bridged_caller, environment, run_session
 
 from calmline.audit.trail import AuditStore
 from calmline.audit.report import KINDS, agent_endpoint, build_report, render_html
+from stores import outbox_at, sqlite_db  # noqa: E402
 
 NOW = datetime(2025, 3, 10, 12, 0, tzinfo=timezone.utc)
 SINCE = datetime(2025, 3, 4, tzinfo=timezone.utc)
@@ -40,7 +41,7 @@ class Trail:
     """Writes sessions the way calmline's session and actions do, at chosen times."""
 
     def __init__(self, path: Path):
-        self.store = AuditStore(path, stdout=None)
+        self.store = AuditStore(sqlite_db(path))
         self.store.open()
 
     def session(self, at: datetime, action: str, *, linkedid: str, agent: str = "",
@@ -158,7 +159,7 @@ def test_agent_channels_are_normalised_to_the_endpoint():
 
 
 def test_counts_per_day(audit_db):
-    report = build_report(audit_db, since=SINCE, until=None, now=NOW)
+    report = build_report(sqlite_db(audit_db), since=SINCE, until=None, now=NOW)
     assert report.first_day.isoformat() == "2025-03-04" and report.last_day.isoformat() == "2025-03-10"
     per_day = {d.day.isoformat(): (d.warning, d.final_warning, d.supervisor, d.colleague, d.end) for d in report.days}
     assert per_day == {
@@ -176,7 +177,7 @@ def test_counts_per_day(audit_db):
 
 
 def test_counts_per_agent(audit_db):
-    report = build_report(audit_db, since=SINCE, until=None, now=NOW)
+    report = build_report(sqlite_db(audit_db), since=SINCE, until=None, now=NOW)
     rows = [(a.agent, a.calls, a.warnings, a.final_warnings, a.transfers, a.ends) for a in report.agents]
     assert rows == [
         ("PJSIP/alice", 3, 3, 1, 1, 2),
@@ -187,14 +188,14 @@ def test_counts_per_agent(audit_db):
 
 
 def test_outcomes_and_transfer_results(audit_db):
-    report = build_report(audit_db, since=SINCE, until=None, now=NOW)
+    report = build_report(sqlite_db(audit_db), since=SINCE, until=None, now=NOW)
     assert report.outcomes == {"completed": 10, "caller_hung_up": 1, "invalid_extension": 1, "prompt_missing": 1}
     assert report.outcome_groups() == {"completed": 10, "caller_hung_up": 1, "prompt_missing": 1, "failures": 1}
     assert report.transfer_results == {"answered": 1, "fallback": 1, "no_result": 1, "not_transferred": 1}
 
 
 def test_one_row_per_call_with_its_ladder_most_recent_first(audit_db):
-    report = build_report(audit_db, since=SINCE, until=None, now=NOW)
+    report = build_report(sqlite_db(audit_db), since=SINCE, until=None, now=NOW)
     rows = [(c.linkedid, c.ladder, c.outcome) for c in report.calls]
     assert rows == [
         ("I.1", "warn 1", "completed"),
@@ -213,28 +214,15 @@ def test_one_row_per_call_with_its_ladder_most_recent_first(audit_db):
 
 
 def test_the_period_bounds_are_exact(audit_db):
-    everything = build_report(audit_db, since=None, until=None, now=NOW)
+    everything = build_report(sqlite_db(audit_db), since=None, until=None, now=NOW)
     assert everything.first_day.isoformat() == "2025-03-03" and len(everything.days) == 8
     assert [c.linkedid for c in everything.calls][-1] == "A.1"
-    window = build_report(audit_db, since=at(6, 0), until=at(7, 0), now=NOW)
+    window = build_report(sqlite_db(audit_db), since=at(6, 0), until=at(7, 0), now=NOW)
     assert [c.linkedid for c in window.calls] == ["E.1", "D.1"]
     assert [d.day.isoformat() for d in window.days] == ["2025-03-06"]
     # A result whose transfer is before the period: not an escalation, counted nowhere.
-    late = build_report(audit_db, since=at(4, 14, 1), until=at(4, 15), now=NOW)
+    late = build_report(sqlite_db(audit_db), since=at(4, 14, 1), until=at(4, 15), now=NOW)
     assert late.calls == [] and late.empty
-
-
-def test_session_ids_reused_after_a_restart_are_separate_sessions(tmp_path):
-    """calmline's session ids are `<pid>-<n>`: as PID 1 in a container, every restart reuses them."""
-    trail = Trail(tmp_path / "audit.sqlite3")
-    trail.session(at(5, 9), "warn", linkedid="R.1", agent=ALICE, steps=[warned(1)], sid="1-1")
-    trail.session(at(5, 10), "end", linkedid="R.2", agent=BOB, steps=END_STEPS, sid="1-1")
-    trail.session(at(5, 11), "warn", linkedid="R.2", agent=BOB, steps=[warned(1)], sid="1-1")
-    trail.close()
-    report = build_report(tmp_path / "audit.sqlite3", since=None, until=None, now=NOW)
-    assert [(c.linkedid, c.ladder, c.agents) for c in report.calls] == [
-        ("R.2", "end → warn 1", ["Local/x@sim-agent"]), ("R.1", "warn 1", ["PJSIP/alice"])]
-    assert report.escalations == 3
 
 
 def test_the_page_escapes_everything_from_the_audit(audit_db, tmp_path):
@@ -249,10 +237,10 @@ def test_the_page_escapes_everything_from_the_audit(audit_db, tmp_path):
         for event in ("session_start", "session_end"):
             data = {"event": event, "ts": at(10, 11, 40).isoformat(), "session": "other-1", "action": "warn",
                     "linkedid": "S.1", "agent": ALICE, "caller_name": "bad\udc80byte", "outcome": "completed"}
-            conn.execute("INSERT INTO event_rows (data, ts, linkedid) VALUES (?, ?, ?)",
-                         (json.dumps(data), data["ts"], data["linkedid"]))
+            conn.execute("INSERT INTO events (event_id, event, data, ts, linkedid) VALUES (?, ?, ?, ?, ?)",
+                         (f"other-{event}", event, json.dumps(data), data["ts"], data["linkedid"]))
     conn.close()
-    page = render_html(build_report(audit_db, since=SINCE, until=None, now=NOW))
+    page = render_html(build_report(sqlite_db(audit_db), since=SINCE, until=None, now=NOW))
     page.encode("utf-8")  # lone surrogates would make writing the file fail
     assert "<script>alert(1)</script>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
@@ -302,7 +290,7 @@ class _Structure(HTMLParser):
 
 
 def test_the_page_has_the_charts_and_the_table(audit_db):
-    page = render_html(build_report(audit_db, since=SINCE, until=None, now=NOW))
+    page = render_html(build_report(sqlite_db(audit_db), since=SINCE, until=None, now=NOW))
     structure = _Structure()
     structure.feed(page)
     assert structure.svgs == ["daily", "agents", "outcomes", "transfer-results"]
@@ -318,23 +306,23 @@ def test_the_page_has_the_charts_and_the_table(audit_db):
 
 def test_an_empty_trail_is_a_calm_page_not_a_crash(tmp_path, audit_db):
     empty = tmp_path / "empty.sqlite3"
-    store = AuditStore(empty, stdout=None)
+    store = AuditStore(sqlite_db(empty))
     store.open()
     store.close()
     for path in (empty, audit_db):  # nothing at all; nothing in the period
-        report = build_report(path, since=datetime(2024, 1, 1, tzinfo=timezone.utc),
+        report = build_report(sqlite_db(path), since=datetime(2024, 1, 1, tzinfo=timezone.utc),
                               until=datetime(2024, 1, 8, tzinfo=timezone.utc), now=NOW)
         assert report.empty and report.escalations == 0 and len(report.days) == 7
         page = render_html(report)
         assert "No escalations in this period" in page and "<svg" not in page
-    never = build_report(empty, since=None, until=None, now=NOW)
+    never = build_report(sqlite_db(empty), since=None, until=None, now=NOW)
     assert never.days == [] and "No escalations in this period" in render_html(never)
 
 
 def test_a_trail_without_a_table_yet_is_empty(tmp_path):
     blank = tmp_path / "blank.sqlite3"
     sqlite3.connect(blank).close()
-    assert build_report(blank, since=None, until=None, now=NOW).empty
+    assert build_report(sqlite_db(blank), since=None, until=None, now=NOW).empty
 
 
 def test_events_from_the_real_service_make_the_ladder(serving):
@@ -350,7 +338,7 @@ def test_events_from_the_real_service_make_the_ladder(serving):
             return svc
 
     svc = run(main())
-    report = build_report(svc.svc.config.audit.database, since=None, until=None)
+    report = build_report(svc.svc.store.db, since=None, until=None)
     [call] = report.calls
     assert call.linkedid == "1795350788.44"
     assert call.ladder == "warn 1 → warn 2 (final) → supervisor"
@@ -362,9 +350,9 @@ def test_events_from_the_real_service_make_the_ladder(serving):
 
 
 def _cli(tmp_path: Path, db: Path, command: str, *args: str) -> subprocess.CompletedProcess:
-    """`calmline COMMAND ARGS` with a config whose audit.database is `db`."""
+    """`calmline COMMAND ARGS` with a config whose store is `db`."""
     config = tmp_path / "calmline.toml"
-    config.write_text(f'[audit]\ndatabase = "{db}"\n', encoding="utf-8")
+    config.write_text(f'[store]\nurl = "sqlite:///{db}"\n', encoding="utf-8")
     return subprocess.run([sys.executable, "-m", "calmline", "-c", str(config), command, *args],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
 
@@ -393,7 +381,7 @@ def test_cli_writes_the_report(tmp_path):
 def test_cli_without_an_audit_trail_exits_1_naming_the_key(tmp_path):
     done = _cli(tmp_path, tmp_path / "nowhere.sqlite3", "report")
     assert done.returncode == 1
-    assert "audit.database" in done.stderr and "nowhere.sqlite3" in done.stderr
+    assert "store.url" in done.stderr and "nowhere.sqlite3" in done.stderr
     assert not (tmp_path / "calmline-report.html").exists()
     bad = _cli(tmp_path, tmp_path / "nowhere.sqlite3", "report", "--days", "0")
     assert bad.returncode == 2 and "--days" in bad.stderr
@@ -427,7 +415,7 @@ def browser():
 
 def test_a_real_browser_renders_the_charts_and_the_table(audit_db, tmp_path, browser):
     page = tmp_path / "report.html"
-    page.write_text(render_html(build_report(audit_db, since=SINCE, until=None, now=NOW)), encoding="utf-8")
+    page.write_text(render_html(build_report(sqlite_db(audit_db), since=SINCE, until=None, now=NOW)), encoding="utf-8")
     dom = browser("--dump-dom", page.as_uri(), profile=tmp_path / "profile-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
     structure = _Structure()
@@ -494,7 +482,7 @@ def test_a_real_browser_renders_a_month_with_a_spike(tmp_path, browser):
     """A month as a supervisor sees it (`CALMLINE_REPORT_SCREENSHOT=docs/report-example.png` keeps it)."""
     calls = month_with_a_spike(tmp_path / "audit.sqlite3", NOW)
     since = datetime(2025, 2, 9, tzinfo=timezone.utc)
-    report = build_report(tmp_path / "audit.sqlite3", since=since, until=None, now=NOW)
+    report = build_report(sqlite_db(tmp_path / "audit.sqlite3"), since=since, until=None, now=NOW)
     assert len(report.days) == 30 and len(report.calls) == calls
     assert sum(d.total for d in report.days[21:]) / 9 > 2 * sum(d.total for d in report.days[:21]) / 21
     page = tmp_path / "report.html"
@@ -517,11 +505,11 @@ def test_a_real_browser_renders_a_month_with_a_spike(tmp_path, browser):
 
 def test_a_real_browser_renders_the_empty_page(tmp_path, browser):
     empty = tmp_path / "empty.sqlite3"
-    store = AuditStore(empty, stdout=None)
+    store = AuditStore(sqlite_db(empty))
     store.open()
     store.close()
     page = tmp_path / "empty.html"
-    page.write_text(render_html(build_report(empty, since=SINCE, until=None, now=NOW)), encoding="utf-8")
+    page.write_text(render_html(build_report(sqlite_db(empty), since=SINCE, until=None, now=NOW)), encoding="utf-8")
     dom = browser("--dump-dom", page.as_uri(), profile=tmp_path / "profile")
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "No escalations in this period" in dom.stdout and "<svg" not in dom.stdout
@@ -554,9 +542,9 @@ def test_cli_on_a_file_that_is_not_an_audit_trail_says_so(tmp_path, command):
     bad.write_text("this is not a database\n" * 200, encoding="utf-8")
     done = _cli(tmp_path, bad, command)
     assert done.returncode == 1
-    assert "cannot read the audit trail" in done.stderr and "audit.database" in done.stderr
+    assert "cannot read the store" in done.stderr and "store.url" in done.stderr
     assert "Traceback" not in done.stderr
     missing = tmp_path / "nothing-here"
     missing.mkdir()
     done = _cli(tmp_path, missing, command)
-    assert done.returncode == 1 and "no audit trail at" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 1 and "no store at" in done.stderr and "Traceback" not in done.stderr

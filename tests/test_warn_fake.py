@@ -124,7 +124,7 @@ def test_a_store_that_refuses_does_not_hold_the_caller(serving, tmp_path):
 
     async def main():
         async with serving(audit={"commit_timeout": 0.5}) as svc:
-            blocker = sqlite3.connect(svc.svc.config.audit.database, isolation_level=None)
+            blocker = sqlite3.connect(svc.svc.store.db.path, isolation_level=None)
             blocker.execute("BEGIN IMMEDIATE")
             channel = bridged_caller()
             started = time.monotonic()

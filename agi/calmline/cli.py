@@ -68,56 +68,64 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _audit_database(cfg: config_module.Config) -> Path | None:
-    """The audit store to read, or None once the admin has been told why there is none."""
-    path = cfg.audit.database
-    if path.is_file():
-        return path
-    print(f"calmline: no audit trail at {path} (audit.database): nothing has been recorded there; "
-          "check the path, or whether `calmline serve` runs with this config", file=sys.stderr)
-    return None
+def _store(cfg: config_module.Config):
+    """The store to read, or None once the admin has been told why there is none."""
+    from calmline.store import Database
+
+    db = Database(cfg.store.url, password=cfg.store.resolved_password())
+    if db.path is not None and not db.path.is_file():
+        print(f"calmline: no store at {db.path} (store.url): nothing has been recorded there; "
+              "check the URL, or whether `calmline serve` runs with this config", file=sys.stderr)
+        return None
+    try:
+        db.open_checked()
+    except ConfigError as exc:
+        print(f"calmline: cannot read the store {db.where} ({exc})", file=sys.stderr)
+        return None
+    return db
 
 
-def _unreadable(path: Path, exc: Exception) -> int:
-    print(f"calmline: cannot read the audit trail {path} (audit.database): {exc}", file=sys.stderr)
+def _unreadable(db, exc: Exception) -> int:
+    from calmline.store import reason
+
+    print(f"calmline: cannot read the store {db.where} (store.url): {reason(exc)}", file=sys.stderr)
     return EXIT_FAILED
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    import sqlite3
-
-    from calmline.audit.trail import read_events
+    from calmline.audit.store import read_events
+    from calmline.store import DATABASE_ERRORS
 
     cfg, _source = _load(args)
-    path = _audit_database(cfg)
-    if path is None:
+    db = _store(cfg)
+    if db is None:
         return EXIT_FAILED
     try:
-        events = read_events(path, linkedid=args.linkedid, limit=args.limit)
-    except sqlite3.Error as exc:
-        return _unreadable(path, exc)
+        events = read_events(db, linkedid=args.linkedid, limit=args.limit)
+    except DATABASE_ERRORS as exc:
+        return _unreadable(db, exc)
     for event in events:
         print(json.dumps(event, ensure_ascii=False))
     return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """The supervisor's HTML report of the last --days days, from cfg.audit.database."""
-    import sqlite3
+    """The supervisor's HTML report of the last --days days, from the store."""
     from datetime import datetime, timedelta, timezone
 
     from calmline.audit.report import build_report, render_html
+    from calmline.store import DATABASE_ERRORS
 
     cfg, _source = _load(args)
-    path = _audit_database(cfg)
-    if path is None:
+    db = _store(cfg)
+    if db is None:
         return EXIT_FAILED
     now = datetime.now(timezone.utc)
     since = datetime.combine(now.date() - timedelta(days=args.days - 1), datetime.min.time(), timezone.utc)
     try:
-        report = build_report(path, since=since, until=None, now=now)
-    except sqlite3.Error as exc:
-        return _unreadable(path, exc)
+        report = build_report(db, since=since, until=None, now=now)
+    except DATABASE_ERRORS as exc:
+        return _unreadable(db, exc)
     output = args.output
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -173,12 +181,15 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     from calmline.callback.mail import OutboxWorker, outbox_report
     from calmline.callback.outbox import Outbox
 
+    from calmline.store import Database
+
     cfg, _source = _load(args)
-    if not cfg.mail.outbox.exists():
-        print(f"outbox is empty (no file at {cfg.mail.outbox} yet; mail.outbox)")
+    db = Database(cfg.store.url, password=cfg.store.resolved_password())
+    if db.path is not None and not db.path.is_file():
+        print(f"outbox is empty (no store at {db.path} yet; store.url)")
         return EXIT_OK
     configure_console()
-    with Outbox(cfg.mail.outbox) as outbox:
+    with Outbox(db) as outbox:
         if args.retry_now:
             count = outbox.retry_now()
             sent, failed = OutboxWorker(outbox, cfg.mail).deliver_due_now()

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from calmline.errors import ConfigError
+from calmline.errors import CalmlineError, ConfigError
 
 DEFAULT_PATH = Path("config/calmline.toml")
 
@@ -138,10 +138,28 @@ class ServerConfig(Section):
         return [ipaddress.ip_network(entry, strict=False) for entry in self.allow]
 
 
+class StoreConfig(Section):
+    """The one store of the audit trail and the callback outbox."""
+
+    url: str = "sqlite:///var/calmline.sqlite3"
+    password_env: Variable | None = None
+
+    @model_validator(mode="after")
+    def _check_url(self) -> StoreConfig:
+        from calmline.store import Database
+
+        try:
+            Database(self.url)
+        except CalmlineError as exc:
+            raise ValueError(str(exc).removeprefix("store.url: ")) from None
+        return self
+
+    def resolved_password(self) -> str | None:
+        return os.environ.get(self.password_env) if self.password_env else None
+
+
 class AuditConfig(Section):
-    database: Path = Path("var/calmline-audit.sqlite3")
     stdout: bool = True
-    synchronous: Literal["normal", "full"] = "full"
     commit_timeout: float = Field(5.0, gt=0, le=300)
 
 
@@ -249,7 +267,6 @@ class MailConfig(Section):
         "you are ready to talk it through.\n\n"
         "Kind regards,\nThe support team\n"
     )
-    outbox: Path = Path("var/calmline-outbox.sqlite3")
     retry_initial_seconds: float = Field(30.0, gt=0)
     retry_max_seconds: float = Field(3600.0, gt=0)
     max_attempts: int = Field(48, ge=1)
@@ -294,8 +311,18 @@ class Feature(BaseModel):
     key: str
 
 
+# Keys earlier versions had, and what replaced them.
+_MOVED = {
+    ("audit", "database"): "store.url (one store for the audit trail and the outbox, e.g. "
+                           "url = \"sqlite:///var/calmline.sqlite3\")",
+    ("mail", "outbox"): "store.url (the outbox now lives in the same store as the audit trail)",
+    ("audit", "synchronous"): "nothing: SQLite always commits with synchronous = FULL now; remove it",
+}
+
+
 class Config(Section):
     server: ServerConfig = ServerConfig()
+    store: StoreConfig = StoreConfig()
     audit: AuditConfig = AuditConfig()
     warn: WarnConfig = WarnConfig()
     transfer: TransferConfig = TransferConfig()
@@ -303,6 +330,17 @@ class Config(Section):
     mail: MailConfig = MailConfig()
     dialplan: DialplanConfig = DialplanConfig()
     prompts: PromptsConfig = PromptsConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: object) -> object:
+        if isinstance(data, dict):
+            moved = [f"{section}.{key}: this key moved to {where}"
+                     for (section, key), where in _MOVED.items()
+                     if isinstance(data.get(section), dict) and key in data[section]]
+            if moved:
+                raise ValueError("; ".join(moved))
+        return data
 
     @model_validator(mode="after")
     def _check_after_last(self) -> Config:

@@ -106,3 +106,10 @@ class Refused(CalmlineError):
 
     outcome = "refused"
     status = "refused"
+
+
+class StoreError(ConfigError):
+    """The store cannot be opened, migrated or written at start; one line naming the key."""
+
+    def __init__(self, problem: str):
+        super().__init__([problem])

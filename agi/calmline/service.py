@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
-import sqlite3
 import sys
 from dataclasses import dataclass
 from typing import TextIO
@@ -18,9 +17,12 @@ from calmline.fastagi.contract import Action, Registry
 from calmline.actions.end import End
 from calmline.actions.transfer import KeyedColleagueTransfer, Transfer, TransferResult
 from calmline.actions.warn import Warn
-from calmline.audit.trail import AuditStore, AuditTrail, configure
+from calmline.audit.store import AuditStore
+from calmline.audit.trail import AuditTrail, configure
 from calmline.config import TRANSFER_RESULT_PATH, Config
-from calmline.errors import ConfigError
+from calmline.errors import ConfigError, StoreError
+from calmline.lines import LineSink
+from calmline.store import DATABASE_ERRORS, Database, reason
 from calmline.callback.mail import OutboxWorker
 from calmline.callback.outbox import Outbox
 from calmline.fastagi.server import FastAGIServer
@@ -86,31 +88,23 @@ class Service:
         self.store.close()
 
 
-def _unwritable(key: str, path: object, exc: Exception) -> ConfigError:
-    return ConfigError([f"{key}: cannot open {path}: {exc}; point it at a file in a directory calmline can write"])
-
-
 def build(config: Config, *, stdout: TextIO | None = sys.stdout) -> Service:
     """A service ready to `start()` inside a running event loop."""
-    store = AuditStore(
-        config.audit.database,
-        synchronous=config.audit.synchronous,
-        commit_timeout=config.audit.commit_timeout,
-        stdout=stdout if config.audit.stdout else None,
-    )
-    try:
-        store.open()
-    except (OSError, sqlite3.Error) as exc:
-        raise _unwritable("audit.database", config.audit.database, exc) from None
+    db = Database(config.store.url, password=config.store.resolved_password())
+    echo = None
+    if stdout is not None and config.audit.stdout:
+        echo = LineSink(stdout.fileno(), "stdout", notice=lambda text: sys.stderr.write(text + "\n"))
+    store = AuditStore(db, commit_timeout=config.audit.commit_timeout, echo=echo)
+    store.open()
     configure(store)
     audit = AuditTrail(store)
     outbox = worker = None
     if config.end.enabled:
         try:
-            outbox = Outbox(config.mail.outbox)
-        except (OSError, sqlite3.Error) as exc:
+            outbox = Outbox(db)
+        except DATABASE_ERRORS as exc:
             store.close()
-            raise _unwritable("mail.outbox", config.mail.outbox, exc) from None
+            raise StoreError(f"store.url: cannot open the outbox in {db.where}: {reason(exc)}") from None
         if config.mail.enabled:
             worker = OutboxWorker(outbox, config.mail)
     server = FastAGIServer(config, build_registry(config, outbox, worker), audit)

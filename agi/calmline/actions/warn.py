@@ -34,8 +34,9 @@ class Warn:
         index = min(stage, len(stages)) - 1
         prompt = stages[index].prompt
         await context.channel.stream_file(prompt)
-        # The warning has been heard: record it now, and count it while the record commits.
-        durable = context.audit.record_step(
+        # The counter moves only once the step is committed: a service killed in between
+        # leaves neither, and the next press plays the same stage again.
+        await context.audit.step(
             "warning_played",
             warning=stage,
             final=index == len(stages) - 1,
@@ -43,5 +44,4 @@ class Warn:
             prompt=prompt,
         )
         await context.channel.set_variable(counter, str(stage))
-        await durable
         return "completed"

@@ -17,13 +17,13 @@ import html
 import json
 import math
 import re
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from calmline.store import Database
 from calmline.config import TRANSFER_RESULT_PATH
 
 CALLS_SHOWN = 500
@@ -253,7 +253,7 @@ def _str(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _rows(db_path: Path, since: datetime | None, until: datetime | None) -> Iterable[dict[str, Any]]:
+def _rows(db: Database, since: datetime | None, until: datetime | None) -> Iterable[dict[str, Any]]:
     """Session events, oldest first. The SQL bounds are a day wider than asked (timestamps are
     compared as text there); the exact bounds are applied to the parsed times by the caller."""
     where, params = ["event IN ('session_start', 'step', 'session_end')"], []
@@ -263,14 +263,9 @@ def _rows(db_path: Path, since: datetime | None, until: datetime | None) -> Iter
     if until is not None:
         where.append("ts < ?")
         params.append((until + timedelta(days=1)).isoformat())
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    conn = db.connect()
     try:
-        try:
-            cursor = conn.execute(f"SELECT data FROM events WHERE {' AND '.join(where)} ORDER BY id", params)
-        except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):
-                return  # created but never written to: nothing happened yet
-            raise
+        cursor = conn.execute(f"SELECT data FROM events WHERE {' AND '.join(where)} ORDER BY id", params)
         for (data,) in cursor:
             try:
                 event = json.loads(data)
@@ -282,14 +277,14 @@ def _rows(db_path: Path, since: datetime | None, until: datetime | None) -> Iter
         conn.close()
 
 
-def _sessions(db_path: Path, since: datetime | None, until: datetime | None) -> list[_Session]:
+def _sessions(db: Database, since: datetime | None, until: datetime | None) -> list[_Session]:
     """Events grouped into sessions. Session ids are `<random>-<n>` now, but older trails used
     `<pid>-<n>`, which a restarted service (PID 1 in a container) reused: so a session is keyed
     by id *and* channel uniqueid, and a second `session_start` or an event after `session_end`
     under one key begins a new one."""
     open_sessions: dict[tuple[str, str], _Session] = {}
     done: list[_Session] = []
-    for event in _rows(db_path, since, until):
+    for event in _rows(db, since, until):
         sid = _str(event.get("session"))
         at = _parse_ts(event.get("ts"))
         if not sid or at is None:
@@ -356,14 +351,13 @@ def _transfer_result(step: dict[str, Any]) -> tuple[str, str]:
 
 
 def build_report(
-    db_path: Path | str,
+    db: Database,
     *,
     since: datetime | None = None,
     until: datetime | None = None,
     now: datetime | None = None,
 ) -> Report:
-    """Count the escalations recorded in `db_path` from `since` (inclusive) to `until` (exclusive)."""
-    db_path = Path(db_path)
+    """Count the escalations recorded in the store from `since` (inclusive) to `until` (exclusive)."""
     since, until = _utc(since), _utc(until)
     now = _utc(now) or datetime.now(timezone.utc)
 
@@ -374,7 +368,7 @@ def build_report(
     outcomes: dict[str, int] = {}
     pending: dict[str, list[Step]] = {}  # transfers on a call still waiting for their result
 
-    for session in sorted(_sessions(db_path, since, until), key=lambda s: s.started):
+    for session in sorted(_sessions(db, since, until), key=lambda s: s.started):
         kind = _ESCALATION_PATHS.get(session.action)
         if kind is None and session.action != TRANSFER_RESULT_PATH:
             continue

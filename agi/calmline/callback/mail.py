@@ -496,7 +496,7 @@ class OutboxWorker:
         """Deliver due messages until `stop()`; never raises for mail or database trouble."""
         self._loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
-        log.info("mail_worker_started", outbox=str(self.outbox.path), smtp=f"{self.cfg.host}:{self.cfg.port}")
+        log.info("mail_worker_started", store=self.outbox.db.where, smtp=f"{self.cfg.host}:{self.cfg.port}")
         try:
             while not self._stopping:
                 self._wake.clear()

@@ -1,7 +1,7 @@
-"""The durable outbox of callback requests: written first, mailed later, never lost or doubled.
+"""The durable outbox of callback requests: written first, mailed later, never lost.
 
 When an agent ends an abusive call, the session builds a `CallbackRequest` and calls
-`Outbox.add`. That commits (SQLite, WAL, `synchronous=FULL`) one row per message to send: the
+`Outbox.add`. That commits (in the store, beside the audit trail) one row per message to send: the
 team's callback mail, and the caller's follow-up mail when the channel gave a usable address.
 The mail worker (`calmline.callback.mail.OutboxWorker`) delivers due rows and marks them sent, or
 schedules a retry with exponential backoff; after `mail.max_attempts` a row is `failed` and
@@ -9,28 +9,27 @@ waits for an admin (`calmline outbox`, `retry_now`).
 
 Idempotency: `(key, kind)` is unique, and `key` is chosen by the caller per call (e.g. the
 linkedid), so a second key press or a replay after a crash adds nothing. Several processes
-may open the same file (the service and the CLI): writes take `BEGIN IMMEDIATE`, and a
-worker *claims* a row before sending it (`due(..., claim_for=...)`), so two workers do not
-send the same row at the same time.
+may open the same store (the service, the CLI, other instances): a worker *claims* a row
+before sending it (`due(..., claim_for=...)`, with SKIP LOCKED on PostgreSQL), so two workers
+do not send the same row at the same time. Delivery is at least once: if the SMTP server
+accepts a message and the reply is lost, it is sent again, with the same Message-ID.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import sqlite3
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Annotated, Iterator, Literal
 
 import structlog
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from calmline.config import MailConfig
+from calmline.store import Connection, Database
 
 log = structlog.get_logger("calmline.callback.outbox")
 
@@ -142,26 +141,6 @@ class OutboxItem:
     request: CallbackRequest
 
 
-_SCHEMA = (
-    """
-    CREATE TABLE IF NOT EXISTS outbox (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        key TEXT NOT NULL,
-        kind TEXT NOT NULL CHECK (kind IN ('team', 'caller')),
-        recipient TEXT,
-        status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'failed')),
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_attempt REAL NOT NULL DEFAULT 0,
-        last_error TEXT,
-        smtp_reply TEXT,
-        queued_at REAL NOT NULL,
-        sent_at REAL,
-        request TEXT NOT NULL,
-        UNIQUE (key, kind)
-    )
-    """,
-    "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (status, next_attempt)",
-)
 _COLUMNS = (
     "id, key, kind, status, attempts, next_attempt, last_error, smtp_reply, "
     "queued_at, sent_at, recipient, request"
@@ -194,50 +173,23 @@ def backoff(attempts: int, cfg: MailConfig) -> float:
 
 
 class Outbox:
-    """A SQLite outbox file; thread-safe, and safe to open from several processes."""
+    """The outbox table of the store; thread-safe, and shared by every process that opens it."""
 
-    def __init__(self, path: Path | str, *, busy_timeout: float = 10.0):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            # Caller names, numbers and addresses are personal data: not world-readable.
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+    def __init__(self, db: Database):
+        self.db = db
         self._lock = threading.RLock()
-        self._db: sqlite3.Connection | None = sqlite3.connect(
-            self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-        )
-        try:
-            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise sqlite3.OperationalError(f"{self.path}: cannot switch to WAL (got {mode})")
-            self._db.execute("PRAGMA synchronous = FULL")
-            with self._tx() as db:
-                for statement in _SCHEMA:
-                    db.execute(statement)
-        except BaseException:
-            self._db.close()
-            self._db = None
-            raise
+        self._db: Connection | None = db.connect()
 
-    # --- plumbing ---
-
-    def _conn(self) -> sqlite3.Connection:
+    def _conn(self) -> Connection:
         if self._db is None:
-            raise sqlite3.ProgrammingError(f"outbox {self.path} is closed")
+            raise RuntimeError(f"the outbox of {self.db.where} is closed")
         return self._db
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> Iterator[Connection]:
         with self._lock:
-            db = self._conn()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._conn().transaction() as db:
                 yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -277,9 +229,9 @@ class Outbox:
                 rows.append(("caller", recipient))
             for kind, to in rows:
                 db.execute(
-                    "INSERT INTO outbox (key, kind, recipient, status, attempts, next_attempt, "
-                    "queued_at, request) VALUES (?, ?, ?, 'pending', 0, 0, ?, ?)",
-                    (request.key, kind, to, queued_at, payload),
+                    "INSERT INTO outbox (key, kind, recipient, linkedid, status, attempts, "
+                    "next_attempt, queued_at, request) VALUES (?, ?, ?, ?, 'pending', 0, 0, ?, ?)",
+                    (request.key, kind, to, request.linkedid, queued_at, payload),
                 )
         log.info(
             "callback_queued",
@@ -296,6 +248,11 @@ class Outbox:
 
     # --- delivery bookkeeping ---
 
+    @property
+    def _skip_locked(self) -> str:
+        """On PostgreSQL, rows another worker is claiming right now are passed over."""
+        return " FOR UPDATE SKIP LOCKED" if self.db.kind == "postgresql" else ""
+
     def due(self, now: float, limit: int = 50, *, claim_for: float | None = None) -> list[OutboxItem]:
         """Pending messages whose next attempt is at or before `now`, oldest first.
 
@@ -306,7 +263,7 @@ class Outbox:
         with self._tx() as db:
             rows = db.execute(
                 f"SELECT {_COLUMNS} FROM outbox WHERE status = 'pending' AND next_attempt <= ? "
-                "ORDER BY next_attempt, id LIMIT ?",
+                "ORDER BY next_attempt, id LIMIT ?" + self._skip_locked,
                 (now, limit),
             ).fetchall()
             if claim_for is not None and rows:

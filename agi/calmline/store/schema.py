@@ -1,0 +1,73 @@
+"""The store's schema as numbered migrations, written once per dialect.
+
+A store records the highest version applied in `schema_version`; `Database.migrate()`
+applies the rest in order, each in its own transaction, and refuses a store whose version
+is newer than the code (an older calmline must not write into a layout it does not know).
+"""
+
+from __future__ import annotations
+
+# The columns of `events` that are copied out of the event so reads can select and index
+# them; `data` keeps the whole event as its JSON line.
+EVENT_COLUMNS = ("event_id", "ts", "event", "level", "session", "action", "step", "outcome",
+                 "linkedid", "uniqueid", "agent", "caller_number", "caller_name", "data")
+
+_EVENTS = """
+CREATE TABLE events (
+    id {serial},
+    event_id TEXT NOT NULL UNIQUE,
+    ts TEXT NOT NULL,
+    event TEXT NOT NULL,
+    level TEXT,
+    session TEXT,
+    action TEXT,
+    step TEXT,
+    outcome TEXT,
+    linkedid TEXT,
+    uniqueid TEXT,
+    agent TEXT,
+    caller_number TEXT,
+    caller_name TEXT,
+    data TEXT NOT NULL
+)"""
+
+_OUTBOX = """
+CREATE TABLE outbox (
+    id {serial},
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('team', 'caller')),
+    recipient TEXT,
+    linkedid TEXT,
+    status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt {real} NOT NULL DEFAULT 0,
+    last_error TEXT,
+    smtp_reply TEXT,
+    queued_at {real} NOT NULL,
+    sent_at {real},
+    request TEXT NOT NULL,
+    UNIQUE (key, kind)
+)"""
+
+_INDEXES = [
+    "CREATE INDEX events_ts ON events (ts)",
+    "CREATE INDEX events_linkedid ON events (linkedid)",
+    "CREATE INDEX events_caller ON events (caller_number, ts)",
+    "CREATE INDEX events_agent ON events (agent, ts)",
+    "CREATE INDEX outbox_due ON outbox (status, next_attempt)",
+    "CREATE INDEX outbox_linkedid ON outbox (linkedid)",
+]
+
+
+def _both(*statements: str) -> dict[str, list[str]]:
+    return {
+        "sqlite": [s.format(serial="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL") for s in statements],
+        "postgresql": [s.format(serial="BIGSERIAL PRIMARY KEY", real="DOUBLE PRECISION") for s in statements],
+    }
+
+
+MIGRATIONS: list[tuple[int, str, dict[str, list[str]]]] = [
+    (1, "events and the callback outbox", _both(_EVENTS, _OUTBOX, *_INDEXES)),
+]
+
+VERSION = MIGRATIONS[-1][0]
