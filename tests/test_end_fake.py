@@ -153,3 +153,20 @@ def test_warn_past_the_last_stage_ends_the_call_when_configured(serving, smtp):
     assert 'STREAM FILE "calmline/end" ""' in channel.commands and "HANGUP" in channel.commands
     steps = [e["step"] for e in svc.events(event="step")]
     assert steps[0] == "ladder_exhausted" and steps[-1] == "caller_hung_up_by_agent"
+
+
+def test_warn_past_the_last_stage_queues_the_callers_mail_too(serving, smtp):
+    """Warn runs End there, so it must read what End reads: the caller's address too."""
+    async def main():
+        async with serving(warn={"after_last": "end"}, mail=mail_config(smtp.port)) as svc:
+            channel = bridged_caller()
+            channel.variables.update(CALMLINE_WARNINGS="2", CALMLINE_CALLER_EMAIL="bob@example.org")
+            channel.functions.update(CALMLINE_WARNINGS="2", CALMLINE_CALLER_EMAIL="bob@example.org")
+            await run_session(svc.port, channel)
+            assert await wait_for(lambda: len(smtp.messages) == 2)
+            return svc
+
+    svc = run(main())
+    assert sorted(rcpt[0] for rcpt, _ in smtp.messages) == ["bob@example.org", "team@example.com"]
+    [queued] = svc.events(event="step", step="callback_queued")
+    assert queued["caller_email"] is True and queued["warnings"] == 2

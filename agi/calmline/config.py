@@ -278,22 +278,6 @@ class PromptsConfig(Section):
     )
 
 
-# Not a keypad code: the rendered transfer context calls it when a transferred call ends.
-TRANSFER_RESULT_PATH = "transfer/result"
-
-
-class Feature(BaseModel):
-    """One keypad code: its features.conf name, DTMF, who runs it, and the service path."""
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    code: str
-    activate_on: Literal["peer", "self"]
-    path: str
-    key: str
-
-
 class Config(Section):
     server: ServerConfig = ServerConfig()
     audit: AuditConfig = AuditConfig()
@@ -308,9 +292,11 @@ class Config(Section):
     def _check_after_last(self) -> Config:
         if self.warn.after_last == "end" and not self.end.enabled:
             raise ValueError("warn.after_last = \"end\" needs [end] enabled = true")
-        features = self.features()
-        for a in features:
-            for b in features:
+        from calmline.actions.catalog import features  # imported here: the catalog reads Config
+
+        codes = features(self)
+        for a in codes:
+            for b in codes:
                 if a is not b and b.code.startswith(a.code):
                     same = "is the same as" if a.code == b.code else "is a prefix of"
                     raise ValueError(
@@ -319,28 +305,6 @@ class Config(Section):
                         f"does not start another (e.g. *1, *3, *9)"
                     )
         return self
-
-    def features(self) -> list[Feature]:
-        """The keypad codes of the enabled actions: the one table the dialplan, the service
-        and `calmline check` all read."""
-        out: list[Feature] = []
-        if self.warn.enabled:
-            out.append(Feature(name="calmline_warn", code=self.warn.code, activate_on="peer",
-                               path="warn", key="warn.code"))
-        if self.transfer.enabled:
-            t = self.transfer
-            out.append(Feature(name="calmline_supervisor", code=t.supervisor.code, activate_on="peer",
-                               path="transfer/supervisor", key="transfer.supervisor.code"))
-            out.append(Feature(name="calmline_colleague", code=t.colleague.code, activate_on="peer",
-                               path="transfer/colleague", key="transfer.colleague.code"))
-            if t.colleague_keyed.enabled:
-                out.append(Feature(name="calmline_colleague_keyed", code=t.colleague_keyed.code,
-                                   activate_on="self", path="transfer/colleague-keyed",
-                                   key="transfer.colleague_keyed.code"))
-        if self.end.enabled:
-            out.append(Feature(name="calmline_end", code=self.end.code, activate_on="peer",
-                               path="end", key="end.code"))
-        return out
 
     def prompt_names(self) -> list[str]:
         """Every prompt the enabled actions can play, in a stable order."""

@@ -14,12 +14,10 @@ import sys
 from dataclasses import dataclass
 from typing import TextIO
 
-from calmline.fastagi.contract import Action, Registry
-from calmline.actions.end import End
-from calmline.actions.transfer import KeyedColleagueTransfer, Transfer, TransferResult
-from calmline.actions.warn import Warn
+from calmline.fastagi.contract import Registry
+from calmline.actions import catalog
 from calmline.audit.trail import AuditStore, AuditTrail, configure
-from calmline.config import TRANSFER_RESULT_PATH, Config
+from calmline.config import Config
 from calmline.errors import ConfigError
 from calmline.callback.mail import OutboxWorker
 from calmline.callback.outbox import Outbox
@@ -27,28 +25,12 @@ from calmline.fastagi.server import FastAGIServer
 
 
 def build_registry(config: Config, outbox: Outbox | None = None, worker: OutboxWorker | None = None) -> Registry:
-    """Register each enabled action at the path `Config.features()` gives it, explicitly."""
-    counter = config.warn.counter_variable
-    end = End(
-        config.end,
-        counter_variable=counter,
-        email_variable=config.mail.caller_email_variable,
-        outbox=outbox,
-        wake=worker.wake if worker else (lambda: None),
-    )
-    t = config.transfer
-    actions: dict[str, Action] = {
-        "calmline_warn": Warn(config.warn, end),
-        "calmline_supervisor": Transfer("supervisor", t.supervisor, t.context, counter),
-        "calmline_colleague": Transfer("colleague", t.colleague, t.context, counter),
-        "calmline_colleague_keyed": KeyedColleagueTransfer(t.colleague_keyed, t.colleague, t.context),
-        "calmline_end": end,
-    }
+    """Every action the config enables, at its path in the catalog, wired to the outbox."""
+    wiring = catalog.Wiring(outbox, worker.wake if worker else (lambda: None))
     registry = Registry()
-    for feature in config.features():
-        registry.add(feature.path, actions[feature.name])
-    if t.enabled:
-        registry.add(TRANSFER_RESULT_PATH, TransferResult())
+    for spec in catalog.enabled(config):
+        registry.add(spec.path, spec.build(config, wiring), runs_on=spec.runs_on,
+                     reads=spec.reads(config), dead_ok=spec.dead_ok)
     return registry
 
 

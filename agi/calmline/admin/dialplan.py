@@ -1,7 +1,7 @@
 """`calmline dialplan`: the Asterisk snippets an admin includes, rendered from the config.
 
-Rendered from the same `Config.features()` table the service serves, so the keypad codes,
-the request paths and the contexts cannot drift apart. Output files are meant to be
+Rendered from the action catalog the service serves, so the keypad codes, the request
+paths and the contexts cannot drift apart. Output files are meant to be
 `#include`d; a file calmline did not write is never overwritten.
 """
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from calmline.config import TRANSFER_RESULT_PATH, Config, TransferTarget
+from calmline.actions import catalog
+from calmline.config import Config, TransferTarget
 from calmline.errors import ConfigError
 
 FEATURES_FILE = "calmline-features.conf"
@@ -35,7 +36,7 @@ def render_features(config: Config, source: str = "the embedded defaults") -> st
         "; the agent presses it); self: on the presser's own channel (the agent).",
         "[applicationmap]",
     ]
-    for feature in config.features():
+    for feature in catalog.features(config):
         entry = f"{feature.name} => {feature.code},{feature.activate_on},AGI,{url}/{feature.path}"
         if moh:
             entry += f",{moh}"
@@ -82,7 +83,7 @@ def _transfer_extension(config: Config, exten: str, target: TransferTarget, dial
 def render_extensions(config: Config, source: str = "the embedded defaults") -> str:
     """The contexts: the agent's pre-dial handler, transfers, recording, an example route."""
     d = config.dialplan
-    names = "#".join(f.name for f in config.features())
+    names = "#".join(f.name for f in catalog.features(config))
     lines = _header(source, "extensions.conf", EXTENSIONS_FILE)
     lines += [
         "; Pre-dial handler: run it on the AGENT's leg only, so only agents can fire the codes:",
@@ -109,7 +110,7 @@ def render_extensions(config: Config, source: str = "the embedded defaults") -> 
             "",
             "; Runs when the transferred caller's call ends, however it ends: records the outcome.",
             "[calmline-transfer-result]",
-            f"exten => s,1,AGI({url}/{TRANSFER_RESULT_PATH})",
+            f"exten => s,1,AGI({url}/{catalog.TRANSFER_RESULT_ACTION.path})",
             " same => n,Return()",
             "",
             "; Played to the person who answers a transfer, before the caller is connected.",

@@ -2,12 +2,14 @@
 
 An action is a small object with a `run(context)` coroutine that talks to a `Channel`
 and records its steps; it knows nothing of sockets, so it can be tested with a fake channel.
-`build_registry()` wires the enabled actions from config explicitly: no import side effects,
-no module globals.
+The registry holds each action with what the session needs before running it (the leg it
+runs on, the variables to read); `service.build_registry()` fills it from the action catalog:
+no import side effects, no module globals.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -60,27 +62,39 @@ class ActionContext:
 
 
 class Action(Protocol):
-    """A keypad action. `reads` are variables fetched with the call's identity in one trip."""
-
-    runs_on: RunsOn
-    reads: tuple[str, ...]
+    """A keypad action: runs on the channel of the session, returns its outcome."""
 
     async def run(self, context: ActionContext) -> str: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """An action as a session runs it: on which leg, with which variables fetched first (in
+    one trip, with the call's identity), and whether its channel is already hung up."""
+
+    action: Action
+    runs_on: RunsOn
+    reads: tuple[str, ...] = ()
+    dead_ok: bool = False
+
+    def run(self, context: ActionContext) -> Awaitable[str]:
+        return self.action.run(context)
+
+
 class Registry:
-    """Maps request paths (`warn`, `transfer/supervisor`) to actions."""
+    """Maps request paths (`warn`, `transfer/supervisor`) to routes."""
 
     def __init__(self) -> None:
-        self._actions: dict[str, Action] = {}
+        self._routes: dict[str, Route] = {}
 
-    def add(self, path: str, action: Action) -> None:
-        if path in self._actions:
+    def add(self, path: str, action: Action, *, runs_on: RunsOn, reads: tuple[str, ...] = (),
+            dead_ok: bool = False) -> None:
+        if path in self._routes:
             raise ValueError(f"two actions registered at path {path!r}")
-        self._actions[path] = action
+        self._routes[path] = Route(action, runs_on, reads, dead_ok)
 
-    def resolve(self, path: str) -> Action | None:
-        return self._actions.get(path)
+    def resolve(self, path: str) -> Route | None:
+        return self._routes.get(path)
 
     def paths(self) -> list[str]:
-        return sorted(self._actions)
+        return sorted(self._routes)
