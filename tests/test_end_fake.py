@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import email
+import json
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -170,3 +173,31 @@ def test_warn_past_the_last_stage_queues_the_callers_mail_too(serving, smtp):
     assert sorted(rcpt[0] for rcpt, _ in smtp.messages) == ["bob@example.org", "team@example.com"]
     [queued] = svc.events(event="step", step="callback_queued")
     assert queued["caller_email"] is True and queued["warnings"] == 2
+
+
+def audit_cli(svc, *args):
+    """`calmline audit ARGS`, run as an admin would, on the service's store."""
+    config = svc.svc.config.audit.database.with_name("cli.toml")
+    config.write_text(f'[audit]\ndatabase = "{svc.svc.config.audit.database}"\n', encoding="utf-8")
+    svc.svc.store.flush()
+    done = subprocess.run([sys.executable, "-m", "calmline", "-c", str(config), "audit", *args],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("smtp_up", [True, False])
+def test_audit_by_linkedid_shows_whether_the_callback_mail_went_out(serving, smtp, smtp_up):
+    async def main():
+        async with serving(mail=mail_config(smtp.port if smtp_up else 1)) as svc:
+            await run_session(svc.port, bridged_caller(), environment("end"))
+            assert await wait_for(lambda: svc.events(event="mail_sent" if smtp_up else "mail_failed"))
+            return audit_cli(svc, "--linkedid", "1795350788.44")
+
+    events = run(main())
+    mail = [(e["event"], e.get("kind")) for e in events if e["event"].startswith(("mail_", "caller_mail"))]
+    if smtp_up:
+        assert mail == [("caller_mail_skipped", None), ("mail_sent", "team")]
+    else:
+        assert mail == [("caller_mail_skipped", None), ("mail_failed", "team")]
+    assert {e["linkedid"] for e in events} == {"1795350788.44"}

@@ -431,6 +431,7 @@ class OutboxWorker:
                 log.error(
                     "mail_gave_up",
                     key=item.key,
+                    linkedid=item.request.linkedid,
                     kind=item.kind,
                     attempts=updated.attempts,
                     error=error,
@@ -440,6 +441,7 @@ class OutboxWorker:
                 log.warning(
                     "mail_failed",
                     key=item.key,
+                    linkedid=item.request.linkedid,
                     kind=item.kind,
                     attempt=updated.attempts,
                     error=error,
@@ -452,9 +454,11 @@ class OutboxWorker:
         except Exception:
             # The server has it; the row will be sent again after the claim expires. The
             # Message-ID is the same, so the receiving side can drop the duplicate.
-            log.exception("mail_sent_unrecorded", key=item.key, kind=item.kind, smtp_reply=reply)
+            log.exception("mail_sent_unrecorded", key=item.key, linkedid=item.request.linkedid,
+                          kind=item.kind, smtp_reply=reply)
             raise
-        log.info("mail_sent", key=item.key, kind=item.kind, attempt=attempt, smtp_reply=reply)
+        log.info("mail_sent", key=item.key, linkedid=item.request.linkedid, kind=item.kind,
+                 attempt=attempt, smtp_reply=reply)
         return True
 
     def deliver_due_now(self, now: float | None = None) -> tuple[int, int]:

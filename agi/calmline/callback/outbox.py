@@ -270,7 +270,8 @@ class Outbox:
         with self._tx() as db:
             taken = db.execute("SELECT 1 FROM outbox WHERE key = ? LIMIT 1", (request.key,)).fetchone()
             if taken:
-                log.info("callback_duplicate", key=request.key, uniqueid=request.uniqueid)
+                log.info("callback_duplicate", key=request.key, uniqueid=request.uniqueid,
+                         linkedid=request.linkedid)
                 return False
             rows = [("team", None)]
             if recipient is not None:
@@ -291,7 +292,7 @@ class Outbox:
             messages=[kind for kind, _ in rows],
         )
         if skipped is not None:
-            log.info("caller_mail_skipped", key=request.key, reason=skipped)
+            log.info("caller_mail_skipped", key=request.key, linkedid=request.linkedid, reason=skipped)
         return True
 
     # --- delivery bookkeeping ---
