@@ -416,15 +416,15 @@ class OutboxWorker:
         items = self.outbox.due(now, limit=1, claim_for=self.claim_seconds)
         return items[0] if items else None
 
-    def _deliver(self, item: OutboxItem, now: float | None = None) -> bool:
-        """Send one claimed message and record the outcome (at `now`, default: the clock)."""
+    def _deliver(self, item: OutboxItem) -> bool:
+        """Send one claimed message and record the outcome."""
         attempt = item.attempts + 1
         try:
             message, recipient = build_message(item, self.cfg)
             reply = send(message, self.cfg, recipients=[recipient])
         except Exception as exc:  # noqa: BLE001 - one bad message must not stop the others
             error = str(exc) if isinstance(exc, (MailError, ConfigError)) else f"{type(exc).__name__}: {exc}"
-            when = self._clock() if now is None else now
+            when = self._clock()
             updated = self.outbox.mark_retry(item, error, when, self.cfg)
             code = getattr(exc, "code", None)
             if updated.status == "failed":
@@ -450,7 +450,7 @@ class OutboxWorker:
                 )
             return False
         try:
-            self.outbox.mark_sent(item, reply, now=self._clock() if now is None else now)
+            self.outbox.mark_sent(item, reply, self._clock())
         except Exception:
             # The server has it; the row will be sent again after the claim expires. The
             # Message-ID is the same, so the receiving side can drop the duplicate.
@@ -461,15 +461,15 @@ class OutboxWorker:
                  attempt=attempt, smtp_reply=reply)
         return True
 
-    def deliver_due_now(self, now: float | None = None) -> tuple[int, int]:
-        """Send everything due at `now` (default: the clock) synchronously; (sent, failed).
+    def deliver_due_now(self) -> tuple[int, int]:
+        """Send everything due now synchronously; (sent, failed).
 
-        Each message is tried at most once per call: a failure is rescheduled after `now`.
+        Each message is tried at most once per call: a failure is rescheduled after now.
         """
-        when = self._clock() if now is None else now
+        when = self._clock()
         sent = failed = 0
         while (item := self._next(when)) is not None:
-            if self._deliver(item, now):
+            if self._deliver(item):
                 sent += 1
             else:
                 failed += 1
@@ -543,9 +543,9 @@ def _when(epoch: float | None, now: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def outbox_report(outbox: Outbox, *, now: float | None = None) -> str:
+def outbox_report(outbox: Outbox) -> str:
     """A table of pending and failed messages for `calmline outbox`."""
-    now = time.time() if now is None else now
+    now = time.time()
     items = [item for item in outbox.items() if item.status in ("pending", "failed")]
     sent = outbox.counts()["sent"]
     if not items:

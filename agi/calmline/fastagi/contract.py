@@ -27,7 +27,6 @@ class CallIdentity:
     channel: str
     caller_number: str
     caller_name: str
-    language: str = "en"
     linkedid: str = ""
     agent_channel: str = ""
     caller_channel: str = ""
@@ -40,14 +39,13 @@ class CallIdentity:
             channel=env.get("agi_channel", ""),
             caller_number=env.get("agi_callerid", ""),
             caller_name="" if name == "unknown" else name,
-            language=env.get("agi_language", "en") or "en",
         )
 
     def with_bridge(self, linkedid: str, bridge_peer: str, runs_on: RunsOn) -> CallIdentity:
         """Fill in the call's linkedid and which leg is the agent's, from BRIDGEPEER."""
         agent, caller = (bridge_peer, self.channel) if runs_on == "caller" else (self.channel, bridge_peer)
         return CallIdentity(self.uniqueid, self.channel, self.caller_number, self.caller_name,
-                            self.language, linkedid, agent, caller)
+                            linkedid, agent, caller)
 
 
 @dataclass(frozen=True, slots=True)
