@@ -103,11 +103,9 @@ def tune_gc() -> None:
     """Collect cyclic garbage less often, and never walk again what startup built.
 
     Each connection leaves a little cyclic garbage (asyncio's transport refers to itself
-    through a bound method), so collections must run. With Python's defaults one ran every
-    50 or so sessions and pushed the sessions in flight into older generations, and each
-    full collection walked all of pydantic and structlog, stalling every call for about
-    15 ms. Measured (bench/README.md, fifth pass): GC cost per session from 5.5 to 1.8 us,
-    the longest pause from 15 to 4 ms; a much higher threshold pauses longer for no gain.
+    through a bound method), so collections must run; with Python's defaults each full one
+    walked all of pydantic and structlog and stalled every call in flight
+    (bench/README.md has the measurements).
     """
     gc.collect()
     gc.freeze()

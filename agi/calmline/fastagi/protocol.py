@@ -81,7 +81,7 @@ class AGIStream(asyncio.BufferedProtocol):
     wire is small, strictly request/answer, and this is the service's hot path).
     It is a buffered protocol because asyncio reads a plain protocol's socket with
     `recv(256 KiB)`: glibc may serve each such read with mmap, mremap and munmap, depending
-    on how the process's heap happens to lie, at 11 µs a read (bench/README.md, sixth pass).
+    on how the process's heap happens to lie (bench/README.md).
     `hangup_noticed` turns true when Asterisk says `HANGUP`; the caller's channel is gone
     for the script from then on, although commands that work on dead channels still answer.
     """
