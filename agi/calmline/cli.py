@@ -291,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     ob.set_defaults(func=cmd_outbox)
 
     audit = sub.add_parser("audit", help="print audit events as JSON lines")
-    audit.add_argument("--linkedid", help="only this call")
-    audit.add_argument("--limit", type=_positive_limit, default=200,
+    audit.add_argument("--linkedid", metavar="ID", help="only this call")
+    audit.add_argument("--limit", metavar="N", type=_positive_limit, default=200,
                        help="at most this many events (default 200): the newest, or with --linkedid the "
                             "call's first; stderr says when there are more")
     audit.set_defaults(func=cmd_audit)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from calmline.callback.outbox import Outbox
     from calmline.config import Config
-    from calmline.fastagi.contract import Action
+    from calmline.fastagi.contract import Action, RunsOn
 
 # Steps, by name: the actions record them, the report reads them.
 WARNING_PLAYED = "warning_played"
@@ -66,7 +66,7 @@ class ActionSpec:
     name: str
     path: str
     code_key: str | None
-    runs_on: Literal["caller", "agent"]
+    runs_on: RunsOn
     enabled: Callable[[Config], bool]
     reads: Callable[[Config], tuple[str, ...]]
     build: Callable[[Config, Wiring], Action]
@@ -80,7 +80,6 @@ class ActionSpec:
 
     def code(self, config: Config) -> str:
         """The keypad code, read from the config at `code_key`."""
-        assert self.code_key is not None, f"{self.name} has no keypad code"
         return reduce(getattr, self.code_key.split("."), config)
 
 
