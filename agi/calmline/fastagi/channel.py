@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import re
 
-from calmline.errors import ApplicationMissing, CallerHungUp, PromptMissing, UnsafeArgument
+from calmline.errors import (
+    ApplicationMissing,
+    CallerHungUp,
+    MalformedAnswer,
+    PromptMissing,
+    UnsafeArgument,
+)
 from calmline.fastagi.protocol import AGIStream, Answer, check_name, quote
 
 _SNAPSHOT_SEPARATOR = "]|["
@@ -84,11 +90,20 @@ class Channel:
     async def stream_file(self, prompt: str, escape_digits: str = "") -> str | None:
         """Play a prompt to the end; return the escape digit pressed, if any."""
         answer = await self._run(f"STREAM FILE {quote(prompt)} {quote(escape_digits)}")
-        if answer.result == -1:
+        result = answer.result
+        if result == -1:
             if answer.endpos:
                 raise CallerHungUp(f"channel hung up during prompt {prompt!r}")
             raise PromptMissing(prompt)
-        return chr(answer.result) if answer.result else None
+        if result == 0:
+            return None
+        # Asterisk answers with the code of the digit pressed, which must be one we offered.
+        if result is not None and 0 < result < 0x110000 and chr(result) in escape_digits:
+            return chr(result)
+        raise MalformedAnswer(
+            f"STREAM FILE answered result={answer.text[:20]!r}, which is not one of its "
+            f"escape digits {escape_digits!r}"
+        )
 
     async def get_data(self, prompt: str, timeout_ms: int, max_digits: int) -> str | None:
         """Play a prompt and collect digits ending in `#`; None on timeout with nothing keyed."""
