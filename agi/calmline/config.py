@@ -19,6 +19,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictFloat,
+    StrictInt,
     ValidationError,
     model_validator,
 )
@@ -116,11 +118,14 @@ class Section(BaseModel):
 
 class ServerConfig(Section):
     host: str = "127.0.0.1"
-    port: int = Field(4573, ge=0, le=65535, description="0 picks a free port (for tests)")
-    max_sessions: int = Field(500, ge=1, le=100_000)
-    max_line_bytes: int = Field(16384, ge=1024, le=1_048_576)
-    environment_timeout: float = Field(5.0, gt=0, le=300)
-    answer_timeout: float = Field(300.0, gt=0, le=3600)
+    port: StrictInt = Field(4573, ge=0, le=65535, description="0 picks a free port (for tests)")
+    max_sessions: StrictInt = Field(500, ge=1, le=100_000)
+    # None: one peer may hold every slot (one Asterisk). Set it when several hosts connect.
+    max_sessions_per_peer: StrictInt | None = Field(None, ge=1, le=100_000)
+    max_line_bytes: StrictInt = Field(16384, ge=1024, le=1_048_576)
+    environment_timeout: StrictFloat = Field(5.0, gt=0, le=300)
+    answer_timeout: StrictFloat = Field(300.0, gt=0, le=3600)
+    shutdown_grace: StrictFloat = Field(30.0, ge=0, le=3600)
     allow: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -136,6 +141,21 @@ class ServerConfig(Section):
 
     def allowed_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(entry, strict=False) for entry in self.allow]
+
+    def exposure_warning(self) -> str | None:
+        """A warning when any host on the network may connect: a wildcard bind, no allowlist."""
+        try:
+            wildcard = self.host == "" or ipaddress.ip_address(self.host).is_unspecified
+        except ValueError:
+            wildcard = False
+        if not wildcard or self.allow:
+            return None
+        return (
+            f"server.host = {self.host!r} with an empty server.allow: every host that can reach "
+            f"port {self.port} can run calmline's actions, which mails an address of its choosing "
+            f"and forges escalations in the audit trail; list your Asterisk hosts in server.allow "
+            f"(e.g. allow = [\"10.0.0.5\"]) or bind to one address"
+        )
 
 
 class AuditConfig(Section):
