@@ -307,3 +307,17 @@ def test_sigterm_with_sessions_in_flight_records_and_reports_each_outcome(tmp_pa
 @pytest.mark.slow
 def test_sigterm_under_heavy_load(tmp_path):
     sigterm_under_load(tmp_path, 300)
+
+
+def test_serve_warns_loudly_when_any_host_may_connect(tmp_path):
+    port = free_port()
+    config = tmp_path / "calmline.toml"
+    config.write_text(f'[server]\nhost = "0.0.0.0"\nport = {port}\n\n[mail]\nenabled = false\n', encoding="utf-8")
+    proc = start(tmp_path, config)
+    try:
+        wait_listening(proc, port)
+    finally:
+        assert stop(proc) == 0
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert "calmline: WARNING: server.host = '0.0.0.0' with an empty server.allow" in stderr
+    assert any(e["event"] == "open_to_the_network" for e in trail(tmp_path, config))
