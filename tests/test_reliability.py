@@ -163,6 +163,9 @@ def run_load(tmp_path: Path, *, nofile: int, silent: int, slowloris: int, max_se
         assert proc.poll() is None, "the service died"
     finally:
         code = stop(proc)
+    print(f"\n{silent} silent + {slowloris} slowloris peers, RLIMIT_NOFILE {nofile}, max_sessions "
+          f"{max_sessions}: service fds {before[0]} -> {during} (under load) -> {after[0]}, "
+          f"RSS {before[1]} -> {after[1]} KiB")
     return {"config": config, "before": before, "during": during, "after": after, "channel": channel,
             "dialogue": dialogue, "code": code, "port": port}
 
