@@ -63,7 +63,7 @@ class Answer(NamedTuple):
     @property
     def result(self) -> int | None:
         text = self.text
-        return int(text) if _INTEGER.fullmatch(text) else None
+        return int(text) if _INTEGER.fullmatch(text) is not None else None
 
 
 class Notice(NamedTuple):
@@ -77,6 +77,10 @@ HANGUP = Notice("hangup")
 TRYING = Notice("trying")
 
 
+def _verb(command: str) -> str:
+    return command.split(" ", 1)[0]
+
+
 def parse_answer(line: str, command: str = "command") -> Answer | Notice:
     """One line Asterisk sent in answer to `command`, without its newline.
 
@@ -85,11 +89,10 @@ def parse_answer(line: str, command: str = "command") -> Answer | Notice:
     multi-line 520 block follows), and `MalformedAnswer` for anything Asterisk never sends.
     Pure: no socket, so every line a peer could send can be tried without one.
     """
-    verb = command.split(" ", 1)[0]
     if line.startswith("200 "):
         match = _ANSWER.fullmatch(line)
         if match is None:
-            raise MalformedAnswer(f"malformed answer to {verb}: {line[:80]!r}")
+            raise MalformedAnswer(f"malformed answer to {_verb(command)}: {line[:80]!r}")
         result, data, endpos, note = match.groups()
         return Answer(result, data, int(endpos) if endpos is not None else None, note)
     if line == "HANGUP":
@@ -100,7 +103,7 @@ def parse_answer(line: str, command: str = "command") -> Answer | Notice:
         raise UsageError(command, 520, "invalid command syntax", block=True)
     code, _, text = line.partition(" ")
     if not _CODE.fullmatch(code):
-        raise MalformedAnswer(f"unexpected answer to {verb}: {line[:80]!r}")
+        raise MalformedAnswer(f"unexpected answer to {_verb(command)}: {line[:80]!r}")
     if code == "510":
         raise InvalidCommand(command, 510, text)
     if code == "511":
@@ -108,7 +111,7 @@ def parse_answer(line: str, command: str = "command") -> Answer | Notice:
     if code == "520":
         raise UsageError(command, 520, text)
     if code[0] in "12":
-        raise MalformedAnswer(f"unexpected answer to {verb}: {line[:80]!r}")
+        raise MalformedAnswer(f"unexpected answer to {_verb(command)}: {line[:80]!r}")
     raise AGICommandError(command, int(code), text)
 
 
@@ -338,7 +341,7 @@ class AGIStream(asyncio.BufferedProtocol):
 
     async def _read_answer(self, command: str) -> Answer:
         """Read lines until `command`'s answer: at most one HANGUP and one `100 Trying` first."""
-        seen: set[Notice] = set()
+        seen: tuple[Notice, ...] = ()
         while True:
             line = await self._readline()
             try:
@@ -351,7 +354,7 @@ class AGIStream(asyncio.BufferedProtocol):
                 return parsed
             if parsed in seen:
                 raise MalformedAnswer(f"{line[:20]!r} twice before the answer to {command.split(' ', 1)[0]}")
-            seen.add(parsed)
+            seen += (parsed,)
             if parsed == HANGUP:
                 self.hangup_noticed = True
             else:
