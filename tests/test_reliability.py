@@ -324,3 +324,23 @@ def test_serve_warns_loudly_when_any_host_may_connect(tmp_path):
     stderr = (tmp_path / "stderr.txt").read_text()
     assert "calmline: WARNING: server.host = '0.0.0.0' with an empty server.allow" in stderr
     assert any(e["event"] == "open_to_the_network" for e in trail(tmp_path, config))
+
+
+def test_serve_raises_its_soft_open_file_limit_to_the_hard_one(tmp_path):
+    port = free_port()
+    config = write_config(tmp_path, port)
+
+    def limits() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 2048))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "calmline", "-c", str(config), "serve", "--no-uvloop"],
+        cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=limits,
+    )
+    try:
+        wait_listening(proc, port)
+        line = next(l for l in Path(f"/proc/{proc.pid}/limits").read_text().splitlines()
+                    if l.startswith("Max open files"))
+    finally:
+        assert stop(proc) == 0
+    assert line.split()[3:5] == ["2048", "2048"], line
