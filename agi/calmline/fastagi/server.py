@@ -51,7 +51,9 @@ def listen(host: str, port: int) -> list[socket.socket]:
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
-                dual = ipaddress.ip_address(address[0].split("%")[0]).is_unspecified
+                # Dual-stack only when no IPv4 socket is bound beside it (host "" gives both).
+                dual = ipaddress.ip_address(address[0].split("%")[0]).is_unspecified and not any(
+                    info[0] == socket.AF_INET for info in infos)
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
             if port == 0 and len(sockets) > 1:
                 address = (address[0], sockets[0].getsockname()[1], *address[2:])
