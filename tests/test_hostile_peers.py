@@ -208,3 +208,22 @@ def test_a_dual_stack_bind_serves_ipv4_peers_and_the_allowlist_sees_ipv4(serving
     assert refused == b""
     reasons = [e["reason"] for e in svc.events(event="connection_refused")]
     assert reasons == ["address not in server.allow"]
+
+
+def test_a_request_url_python_cannot_split_is_refused_not_an_internal_error(serving):
+    env = [line for line in environment(uniqueid="url.1") if not line.startswith(("agi_network_script",
+                                                                                  "agi_request"))]
+    env.insert(0, "agi_request: agi://[::1/warn\n")
+
+    async def main():
+        async with serving() as svc:
+            channel = bridged_caller()
+            dialogue = await run_session(svc.port, channel, env, timeout=3)
+            await wait_idle(svc)
+            return svc, channel, dialogue
+
+    svc, channel, dialogue = run(main())
+    assert dialogue.closed_by_server
+    rejected = svc.events(event="session_rejected")
+    assert len(rejected) == 1 and rejected[0]["outcome"] == "protocol_error", rejected
+    assert_no_internal_errors(svc)

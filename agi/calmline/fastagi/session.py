@@ -20,7 +20,7 @@ from calmline.audit import trail as audit
 from calmline.audit.trail import AuditTrail
 from calmline.fastagi.channel import Channel
 from calmline.config import Config
-from calmline.errors import CalmlineError, ConnectionLost, Refused
+from calmline.errors import CalmlineError, ConnectionLost, MalformedAnswer, Refused
 from calmline.fastagi.protocol import AGIStream
 
 STATUS_VARIABLE = "CALMLINE_STATUS"
@@ -43,7 +43,10 @@ class Request:
     def from_environment(cls, env: dict[str, str]) -> Request:
         script = env.get("agi_network_script")
         if script is None:
-            parts = urlsplit(env.get("agi_request", ""))
+            try:
+                parts = urlsplit(env.get("agi_request", ""))
+            except ValueError as exc:  # e.g. an unclosed "[" where an IPv6 host would be
+                raise MalformedAnswer(f"agi_request is not a URL ({exc})") from None
             script = parts.path + ("?" + parts.query if parts.query else "")
         path, _, query = script.partition("?")
         params = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
@@ -89,6 +92,7 @@ class Session:
     async def _serve(self, started: float) -> str:
         try:
             env = await self._stream.read_environment(self._config.server.environment_timeout)
+            request = Request.from_environment(env)
         except ConnectionLost:
             # Nothing was asked (a port probe such as `calmline check`): not a problem.
             self._audit.event("connection_closed_before_request")
@@ -97,7 +101,6 @@ class Session:
             self._audit.problem("session_rejected", outcome=exc.outcome, error=str(exc))
             return exc.outcome
 
-        request = Request.from_environment(env)
         call = CallIdentity.from_environment(env)
         audit.bind(
             action=request.path,
