@@ -53,8 +53,10 @@ def hostile_environment(rng: random.Random, uniqueid: str) -> bytes:
         return env
     if kind < 0.9:
         return env[: rng.randint(0, len(env) - 1)]
-    if kind < 0.95:
+    if kind < 0.93:
         return bytes(rng.randint(0, 255) for _ in range(rng.randint(1, 200))) + b"\n\n"
+    if kind < 0.95:
+        return b"agi_request: agi://[::1/warn?x=" + rng.randbytes(rng.randint(0, 40)).hex().encode() + b"\n\n"
     return b"agi_" + b"a" * 20000 + b"\n\n"
 
 
