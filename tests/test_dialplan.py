@@ -230,3 +230,16 @@ def test_codes_are_checked_whatever_the_order_of_the_keys():
     with pytest.raises(ConfigError) as exc:
         config_module.parse('[warn]\ncode = "*31"\n')
     assert re.search(r"transfer\.supervisor\.code = '\*3' is a prefix of warn\.code = '\*31'", str(exc.value))
+
+
+def test_write_never_follows_a_symlink_at_its_target(tmp_path):
+    """A dangling symlink named calmline-features.conf used to be followed and created."""
+    (tmp_path / "calmline.toml").write_text("")
+    out = tmp_path / "etc"
+    out.mkdir()
+    (out / dialplan.FEATURES_FILE).symlink_to(tmp_path / "created-through-the-link")
+    result = calmline("-c", "calmline.toml", "dialplan", "--output-dir", "etc", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "is a symbolic link" in result.stderr
+    assert not (tmp_path / "created-through-the-link").exists()
+    assert not (out / dialplan.EXTENSIONS_FILE).exists()  # all or nothing

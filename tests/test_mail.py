@@ -613,6 +613,18 @@ def test_unknown_placeholder_raises_config_error_naming_the_key():
     assert "{0}" in problems[1]
 
 
+@pytest.mark.parametrize("template", ["{caller_name:>50000000}", "{caller_name!r}", "{caller_number:0100000}",
+                                      "{caller_name!s:>9}", "{time:%Y}"])
+def test_format_specs_and_conversions_are_refused_before_any_mail_is_built(template):
+    """`{caller_name:>50000000}` passed check, then took 15 s and 553 MB per mail."""
+    problems = check_templates(MailConfig(caller_template=f"Hello {template}"))
+    assert len(problems) == 1 and problems[0].startswith("mail.caller_template: placeholder {")
+    assert "format spec or conversion" in problems[0]
+    with pytest.raises(ConfigError):
+        build_caller_message(make_request(caller_email="c@example.com"),
+                             MailConfig(caller_template=f"Hello {template}"))
+
+
 def test_worker_records_a_template_error_instead_of_crashing(smtp: SMTPServer, outbox: Outbox):
     cfg = mail_cfg(smtp, subject="{nope}")
     outbox.add(make_request(caller_email=None))

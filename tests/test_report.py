@@ -9,6 +9,7 @@ import random
 import re
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -604,3 +605,26 @@ def test_cli_on_a_file_that_is_not_an_audit_trail_says_so(tmp_path, command):
     missing.mkdir()
     done = _cli(tmp_path, missing, command)
     assert done.returncode == 1 and "no audit trail at" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_report_never_writes_through_a_planted_symlink_and_is_private(tmp_path):
+    """As root, `--output DIR/report.html` wrote through a planted `report.html.partial`."""
+    db = tmp_path / "live.sqlite3"
+    trail = Trail(db)
+    trail.session(datetime.now(timezone.utc) - timedelta(hours=1), "warn", linkedid="P.1", agent=ALICE,
+                  steps=[warned(1)])
+    trail.close()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (shared / "report.html.partial").symlink_to(victim)
+    (shared / "report.html").symlink_to(tmp_path / "dangling-target")
+    done = _cli(tmp_path, db, "report", "--output", str(shared / "report.html"))
+    assert done.returncode == 0, done.stderr
+    assert victim.read_text() == "precious\n"
+    assert not (tmp_path / "dangling-target").exists()
+    out = shared / "report.html"
+    assert not out.is_symlink() and "P.1" in out.read_text(encoding="utf-8")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600  # caller data
+    assert sorted(p.name for p in shared.iterdir()) == ["report.html", "report.html.partial"]

@@ -142,6 +142,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from datetime import datetime, timedelta, timezone
 
     from calmline.audit.report import build_report, render_html
+    from calmline.files import PRIVATE, write_atomically
 
     cfg, _source = _load(args)
     path = _audit_database(cfg)
@@ -156,9 +157,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     output = args.output
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        partial = output.with_name(output.name + ".partial")
-        partial.write_text(render_html(report), encoding="utf-8")
-        partial.replace(output)
+        write_atomically(output, render_html(report), PRIVATE)  # caller data: 0600
     except OSError as exc:
         print(f"calmline: cannot write the report {output}: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -177,7 +176,12 @@ def cmd_dialplan(args: argparse.Namespace) -> int:
             print(f";;; ---- {name} ----")
             print(text, end="")
         return EXIT_OK
-    for path in dialplan.write(files, args.output_dir):
+    try:
+        written = dialplan.write(files, args.output_dir)
+    except OSError as exc:
+        print(f"calmline: cannot write to {args.output_dir} (--output-dir): {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for path in written:
         print(f"wrote {path}")
     return EXIT_OK
 

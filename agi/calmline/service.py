@@ -22,6 +22,7 @@ from calmline.errors import ConfigError
 from calmline.callback.mail import OutboxWorker
 from calmline.callback.outbox import Outbox
 from calmline.fastagi.server import FastAGIServer
+from calmline.lines import LineSink
 
 
 def build_registry(config: Config, outbox: Outbox | None = None, worker: OutboxWorker | None = None) -> Registry:
@@ -112,16 +113,106 @@ def tune_gc() -> None:
     gc.set_threshold(5_000)
 
 
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard one; return (soft, hard) after.
+
+    Each session holds one descriptor; the soft limit is often 1,024 while the hard one
+    allows far more, and only the hard one needs privilege to raise.
+    """
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return (-1, -1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft, hard
+    return target, hard
+
+
+STDERR_BACKLOG = 256 << 10  # bytes of stderr held for a slow reader before lines are dropped
+
+
+class _StderrLines:
+    """`sys.stderr` for the service: whole lines to a `LineSink`, so that a stderr nobody
+    reads (a pipe) drops lines, counted, instead of blocking the event loop."""
+
+    def __init__(self, sink: LineSink, original: TextIO):
+        self._sink = sink
+        self._partial = ""
+        self.encoding = "utf-8"
+        self.errors = "replace"
+        self._original = original
+
+    def write(self, text: str) -> int:
+        written = len(text)
+        text = self._partial + text
+        cut = text.rfind("\n") + 1
+        lines, self._partial = text[:cut], text[cut:]
+        if len(self._partial) > 65536:  # never hold an endless line back
+            lines, self._partial = lines + self._partial + "\n", ""
+        if lines:
+            self._sink.write(lines)
+        return written
+
+    def flush(self) -> None:
+        self._sink.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self._original.fileno()
+
+    def writable(self) -> bool:
+        return True
+
+
+def guard_stderr() -> LineSink | None:
+    """Route `sys.stderr` (tracebacks, warnings, logging, asyncio's handler) through a
+    non-blocking `LineSink` on fd 2; the sink's own notices about drops go there too."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, OSError):
+        return None
+    holder: list[LineSink] = []
+    sink = LineSink(fd, "stderr", limit=STDERR_BACKLOG, notice=lambda text: holder[0].write(text + "\n"))
+    holder.append(sink)
+    sys.stderr = _StderrLines(sink, sys.stderr)  # type: ignore[assignment]
+    return sink
+
+
 async def serve(config: Config, source: str) -> None:
     """Run until SIGINT or SIGTERM, then drain sessions and flush the audit trail."""
+    stderr = guard_stderr()
+    soft, _hard = raise_fd_limit()
     service = build(config)
     host, port = await service.start()
     tune_gc()
-    service.audit.event("service_started", config=source, host=host, port=port)
+    service.audit.event("service_started", config=source, host=host, port=port, fd_limit=soft)
+    exposure = config.server.exposure_warning()
+    if exposure:
+        service.audit.problem("open_to_the_network", warning=exposure)
+        sys.stderr.write(f"calmline: WARNING: {exposure}\n")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if stderr is not None:
+        # A stalled reader is retried now and then; lines wait in the sink meanwhile.
+        loop.call_later(1.0, _flush_every_second, loop, stderr)
     await stop.wait()
     service.audit.event("service_stopping")
-    await service.stop()
+    await service.stop(config.server.shutdown_grace)
+    if stderr is not None:
+        stderr.finish(timeout=1.0)
+
+
+def _flush_every_second(loop: asyncio.AbstractEventLoop, sink: LineSink) -> None:
+    if sink.behind:
+        sink.flush()
+    loop.call_later(1.0, _flush_every_second, loop, sink)

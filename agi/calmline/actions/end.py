@@ -18,7 +18,7 @@ from calmline.actions.catalog import (
     CALLER_HUNG_UP_BY_AGENT,
     CLOSING_PROMPT_PLAYED,
 )
-from calmline.fastagi.contract import ActionContext
+from calmline.fastagi.contract import ActionContext, parse_count
 from calmline.config import EndConfig
 from calmline.errors import ApplicationMissing, PromptMissing
 from calmline.callback.outbox import CallbackRequest, Outbox
@@ -47,7 +47,7 @@ class End:
     async def run(self, context: ActionContext) -> str:
         cfg, channel = self._config, context.channel
         raw = context.values.get(self._counter, "")
-        warnings = int(raw) if raw.isdigit() else 0
+        warnings = parse_count(raw) or 0
         missing_prompt: PromptMissing | None = None
         try:
             await self._queue_callback(context, warnings)

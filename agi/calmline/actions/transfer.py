@@ -17,7 +17,7 @@ from calmline.actions.catalog import (
     TRANSFER_PROMPT_PLAYED,
     TRANSFER_RESULT,
 )
-from calmline.fastagi.contract import ActionContext
+from calmline.fastagi.contract import ActionContext, parse_count
 from calmline.fastagi.channel import channel_argument
 from calmline.config import ColleagueKeyedConfig, TransferTarget
 from calmline.errors import CalmlineError
@@ -50,7 +50,7 @@ class Transfer:
             "CALMLINE_XFER_REASON": target.reason,
             "CALMLINE_XFER_BY": context.call.agent_channel,
             "CALMLINE_XFER_AT": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "CALMLINE_XFER_WARNINGS": warnings if warnings.isdigit() else "0",
+            "CALMLINE_XFER_WARNINGS": str(parse_count(warnings) or 0),
         }
         for name, value in labels.items():
             # `__` makes them inherited by the target's channel too (screen pops, whisper).

@@ -7,7 +7,7 @@ knows how many warnings this caller has had.
 from __future__ import annotations
 
 from calmline.actions.catalog import LADDER_EXHAUSTED, WARNING_PLAYED
-from calmline.fastagi.contract import Action, ActionContext
+from calmline.fastagi.contract import Action, ActionContext, parse_count
 from calmline.config import WarnConfig
 
 
@@ -22,8 +22,9 @@ class Warn:
     async def run(self, context: ActionContext) -> str:
         counter = self._config.counter_variable
         raw = context.values.get(counter, "")
-        given = int(raw) if raw.isdigit() else 0
-        if raw and not raw.isdigit():
+        count = parse_count(raw)
+        given = count or 0
+        if raw and count is None:
             context.audit.problem("warning_counter_invalid", variable=counter, value=raw[:40])
         stages = self._config.stages
         stage = given + 1

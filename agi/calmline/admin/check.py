@@ -437,6 +437,36 @@ def _check_mail(cfg: Config) -> tuple[list[str], list[str]]:
     return problems, ([] if problems else ["mail templates and credentials are usable"])
 
 
+# Descriptors the service holds besides its sessions: the store, the listener, stdio, the mail.
+FD_RESERVE = 64
+
+
+def _check_server_limits(cfg: Config) -> tuple[list[str], list[str]]:
+    """An open bind without an allowlist, and max_sessions against the open-file limit
+    (`calmline serve` raises its soft limit to the hard one, so the hard one counts)."""
+    problems: list[str] = []
+    notes: list[str] = []
+    exposure = cfg.server.exposure_warning()
+    if exposure:
+        problems.append(exposure)
+    try:
+        import resource
+    except ImportError:
+        return problems, notes
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = cfg.server.max_sessions + FD_RESERVE
+    if hard != resource.RLIM_INFINITY and hard < need:
+        problems.append(
+            f"server.max_sessions: {cfg.server.max_sessions} sessions need about {need} open files, "
+            f"but the hard limit here is {hard} (ulimit -Hn); raise it (LimitNOFILE= in the "
+            f"service unit) or lower server.max_sessions to {max(1, hard - FD_RESERVE)}"
+        )
+    else:
+        notes.append(f"server.max_sessions ({cfg.server.max_sessions}) fits the open-file limit "
+                     f"({'unlimited' if hard == resource.RLIM_INFINITY else hard})")
+    return problems, notes
+
+
 def run_checks(cfg: Config, args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """Return (problems, notes) for everything that can be checked from here."""
     problems: list[str] = []
@@ -446,6 +476,7 @@ def run_checks(cfg: Config, args: argparse.Namespace) -> tuple[list[str], list[s
         problems.extend(result[0])
         notes.extend(result[1])
 
+    add(_check_server_limits(cfg))
     add(_check_prompts(cfg))
     add(_check_mail(cfg))
     features_conf = getattr(args, "features_conf", None) or cfg.dialplan.existing_features_conf

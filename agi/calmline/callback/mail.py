@@ -159,14 +159,17 @@ def _template_problems(key: str, template: str, allowed: tuple[str, ...]) -> lis
     except ValueError as exc:
         return [f"{key}: not a valid template ({exc}); write {{{{ and }}}} for a literal brace"]
     problems = []
-    for _literal, name, spec, _conversion in fields:
+    for _literal, name, spec, conversion in fields:
         if name is None:
             continue
         if name not in allowed:
             shown = "{" + name + "}" if name else "{}"
             problems.append(f"{key}: unknown placeholder {shown}; allowed: {allowed_text}")
-        elif spec and ("{" in spec or "}" in spec):
-            problems.append(f"{key}: placeholder {{{name}}} has a nested placeholder in its format")
+        elif spec or conversion:
+            # `{caller_name:>50000000}` would build 50 MB per mail: placeholders are plain.
+            written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            problems.append(f"{key}: placeholder {written[:60]} has a format spec or conversion; "
+                            f"write it plainly as {{{name}}}")
     if not problems:
         try:
             template.format_map(_values(_SAMPLE, sanitize_line))

@@ -1,4 +1,8 @@
-"""The durable outbox of callback requests: written first, mailed later, never lost or doubled.
+"""The durable outbox of callback requests: written first, mailed later, never lost.
+
+Delivery is at least once: when the SMTP server accepted a message but its answer (or our
+marking the row sent) was lost, the message is sent again, with the same Message-ID, so a
+receiving mail system or reader can tell the copies apart.
 
 When an agent ends an abusive call, the session builds a `CallbackRequest` and calls
 `Outbox.add`. That commits (SQLite, WAL, `synchronous=FULL`) one row per message to send: the

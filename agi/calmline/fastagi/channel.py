@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import re
 
-from calmline.errors import ApplicationMissing, CallerHungUp, PromptMissing, UnsafeArgument
+from calmline.errors import (
+    ApplicationMissing,
+    CallerHungUp,
+    MalformedAnswer,
+    PromptMissing,
+    UnsafeArgument,
+)
 from calmline.fastagi.protocol import AGIStream, Answer, check_name, quote
 
 _SNAPSHOT_SEPARATOR = "]|["
@@ -83,6 +89,9 @@ class Channel:
             if answer.endpos:
                 raise CallerHungUp(f"channel hung up during prompt {prompt!r}")
             raise PromptMissing(prompt)
+        if answer.result != 0:
+            # No escape digits were offered: any other answer is not one Asterisk gives.
+            raise MalformedAnswer(f"STREAM FILE answered result={answer.text[:20]!r} with no escape digits offered")
 
     async def get_data(self, prompt: str, timeout_ms: int, max_digits: int) -> str | None:
         """Play a prompt and collect digits ending in `#`; None on timeout with nothing keyed."""

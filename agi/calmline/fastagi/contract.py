@@ -9,6 +9,7 @@ no import side effects, no module globals.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -17,6 +18,18 @@ from calmline.audit.trail import AuditTrail
 from calmline.fastagi.channel import Channel
 
 RunsOn = Literal["caller", "agent"]
+_COUNT = re.compile(r"[0-9]{1,6}")
+
+
+def parse_count(raw: str) -> int | None:
+    """A count kept in a channel variable (the warnings so far), or None if it is not one.
+
+    The variable lives on the caller's channel, where anything may have written it: only 1-6
+    ASCII digits count (`str.isdigit` also accepts `²`, which `int` refuses, and `int`
+    refuses more than 4,300 digits).
+    """
+    return int(raw) if _COUNT.fullmatch(raw) else None
+
 
 
 @dataclass(frozen=True, slots=True)
