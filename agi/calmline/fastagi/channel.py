@@ -91,7 +91,7 @@ class Channel:
             raise PromptMissing(prompt)
         if answer.result != 0:
             # No escape digits were offered: any other answer is not one Asterisk gives.
-            raise MalformedAnswer(f"STREAM FILE answered result={answer.text[:20]!r} with no escape digits offered")
+            raise MalformedAnswer(f"STREAM FILE answered result={answer.text[:20]!r}, which is not one of its escape digits (none were offered)")
 
     async def get_data(self, prompt: str, timeout_ms: int, max_digits: int) -> str | None:
         """Play a prompt and collect digits ending in `#`; None on timeout with nothing keyed."""
