@@ -17,14 +17,12 @@ import marshal
 import os
 import select
 import signal
-import socket
 import sqlite3
-import stat
 import sys
 import time
-from collections.abc import Callable
 
 from calmline.audit.trail import INSERT, Renderer
+from calmline.lines import _nonblocking_writer
 
 LINGER = 0.05  # seconds an event nobody waits on may wait for company before its commit
 RETRY_FIRST, RETRY_MAX = 0.05, 2.0  # seconds between attempts while the store refuses
@@ -115,28 +113,6 @@ class Echo:
         self._pending.clear()
         sys.stderr.write(f"calmline: stdout closed ({exc.strerror or exc}); no more JSON lines on it "
                          "(the audit store still gets every event)\n")
-
-
-def _nonblocking_writer(fd: int) -> tuple[int, Callable[[bytes | bytearray], int], Callable[[], None]]:
-    """A descriptor for `fd`'s file, a write on it that never blocks where one can stall,
-    and how to let go of that descriptor.
-
-    O_NONBLOCK is shared by every descriptor of one open file, so it cannot be set on the
-    stdout the service also holds: a pipe is opened again (a file of its own), a socket is
-    sent to with MSG_DONTWAIT.
-    """
-    mode = os.fstat(fd).st_mode
-    if stat.S_ISFIFO(mode):
-        try:
-            own = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            pass  # no /proc: a plain write, which may wait for the reader
-        else:
-            return own, lambda data: os.write(own, data), lambda: os.close(own)
-    elif stat.S_ISSOCK(mode):
-        sock = socket.socket(fileno=os.dup(fd))
-        return sock.fileno(), lambda data: sock.send(data, socket.MSG_DONTWAIT), sock.close
-    return fd, lambda data: os.write(fd, data), lambda: None
 
 
 class Writer:
