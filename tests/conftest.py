@@ -16,6 +16,16 @@ from calmline.audit.store import read_events  # noqa: E402
 from calmline.config import Config  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow run only when the marker expression names them (`-m slow`)."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with `-m slow` (README, Reliability)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def make_config(tmp_path: Path, **sections) -> Config:
     data = {
         "server": {"host": "127.0.0.1", "port": 0, "environment_timeout": 1.0, "answer_timeout": 5.0},

@@ -271,7 +271,10 @@ async def run_session(
     timeout: float = 10.0,
 ) -> Dialogue:
     """Connect as Asterisk would, send the environment, answer commands until the server hangs up."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionResetError:  # refused with a reset before the handshake was seen
+        return Dialogue(channel.commands, True)
     writer.write(raw if raw is not None else "".join(env or environment()).encode())
     await writer.drain()
     closed = False

@@ -370,3 +370,28 @@ def test_a_password_variable_that_is_not_set_is_a_problem(tmp_path, monkeypatch)
     assert problems and problems[0].startswith("mail.password_env: CALMLINE_TEST_SMTP_PASSWORD is not set")
     monkeypatch.setenv("CALMLINE_TEST_SMTP_PASSWORD", "s3cret")
     assert check._check_mail(cfg)[0] == []
+
+
+def test_check_flags_an_open_bind_and_max_sessions_over_the_fd_limit(tmp_path):
+    import resource
+
+    config = write_config(tmp_path, 4573, "", SHIPPED)
+    text = config.read_text().replace("[server]\n", '[server]\nhost = "0.0.0.0"\nmax_sessions = 500\n', 1)
+    config.write_text(text)
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    result = subprocess.run([sys.executable, "-m", "calmline", "-c", str(config), "check", "--no-port"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=60, preexec_fn=low_limit)
+    assert result.returncode == 1
+    found = problems(result)
+    assert any(p.startswith("server.host = '0.0.0.0' with an empty server.allow") for p in found), found
+    assert any(p.startswith("server.max_sessions: 500 sessions need about 564 open files, but the hard "
+                            "limit here is 256") for p in found), found
+    config.write_text(text.replace("max_sessions = 500", "max_sessions = 100")
+                      .replace('host = "0.0.0.0"', 'host = "0.0.0.0"\nallow = ["127.0.0.1"]'))
+    result = subprocess.run([sys.executable, "-m", "calmline", "-c", str(config), "check", "--no-port"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=60, preexec_fn=low_limit)
+    assert problems(result) == [], result.stdout
+    assert "ok: server.max_sessions (100) fits the open-file limit (256)" in result.stdout

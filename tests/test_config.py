@@ -82,3 +82,50 @@ def test_a_key_that_moved_names_where_it_went(section, key):
 def test_a_store_url_calmline_cannot_use_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match=r"c.toml: store: .*sqlite:///"):
         parse('[store]\nurl = "mysql://db/calmline"\n', "c.toml")
+
+
+@pytest.mark.parametrize(("toml", "expected"), [
+    # Each of these rendered `exten => s,1,System(id)` (or worse) into the Asterisk snippets.
+    ('[dialplan]\nmoh_class = "default\\nexten => s,1,System(id)"', "dialplan.moh_class: a music-on-hold class"),
+    ('[dialplan]\nmoh_class = "a,b"', "dialplan.moh_class"),
+    ('[dialplan]\nservice_url = "agi://127.0.0.1:4573\\nexten => s,1,System(id)"', "dialplan.service_url:"),
+    ('[dialplan]\nservice_url = "agi://127.0.0.1:4573/x,System(id)"', "dialplan.service_url:"),
+    ('[dialplan]\nservice_url = "agi://h:99999"', "dialplan.service_url:"),
+    ('[dialplan]\nservice_url = "http://127.0.0.1:4573"', "dialplan.service_url:"),
+    ('[dialplan]\nadmin_extension = "*78,1,System(id)\\nexten => 9"', "dialplan.admin_extension: an extension prefix"),
+    ('[dialplan]\nadmin_extension = "_X."', "dialplan.admin_extension"),
+    ('[transfer.colleague_keyed]\ndial_template = "PJSIP/{ext})"', "transfer.colleague_keyed: a dial target"),
+    # A bool where a number belongs used to load as 1 (port 1) or 1.0.
+    ("[server]\nport = true", "server.port: must be a whole number"),
+    ("[server]\nmax_sessions = false", "server.max_sessions: must be a whole number"),
+    ("[server]\nanswer_timeout = true", "server.answer_timeout: must be a number"),
+    ("[mail]\nport = true", "mail.port: must be a whole number"),
+    ('[server]\nmax_sessions = "50"', "server.max_sessions: must be a whole number"),
+    ('[warn]\nenabled = "yes"', "warn.enabled: must be true or false"),
+    ("[server]\nmax_sessions_per_peer = 0", "server.max_sessions_per_peer"),
+])
+def test_values_rendered_into_asterisk_config_and_numbers_are_checked_strictly(toml, expected):
+    with pytest.raises(ConfigError) as info:
+        parse(toml, "t.toml")
+    assert f"t.toml: {expected}" in str(info.value)
+    assert len(str(info.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("toml", [
+    '[dialplan]\nmoh_class = ""',
+    '[dialplan]\nmoh_class = "calm-music_2"',
+    '[dialplan]\nservice_url = "hagi://agi.example.com"',
+    '[dialplan]\nservice_url = "agi://[::1]:4573/"',
+    '[dialplan]\nadmin_extension = "#9*"',
+    "[server]\nenvironment_timeout = 5",
+])
+def test_values_asterisk_accepts_still_load(toml):
+    parse(toml, "t.toml")
+
+
+def test_a_wildcard_bind_without_an_allowlist_is_named_as_open_to_the_network():
+    assert parse('[server]\nhost = "0.0.0.0"').server.exposure_warning()
+    assert parse('[server]\nhost = "::"').server.exposure_warning()
+    assert parse('[server]\nhost = "0.0.0.0"\nallow = ["10.0.0.5"]').server.exposure_warning() is None
+    assert parse('[server]\nhost = "10.0.0.1"').server.exposure_warning() is None
+    assert Config().server.exposure_warning() is None

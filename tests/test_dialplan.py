@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from calmline import config as config_module
+from calmline.actions import catalog
 from calmline.admin import dialplan
 from calmline.errors import ConfigError
 
@@ -137,7 +138,7 @@ def test_pre_dial_handler_appends_to_an_existing_dynamic_features(rendered):
     cfg = repo_config()
     text = (rendered / dialplan.EXTENSIONS_FILE).read_text()
     context = text.split(f"[{cfg.dialplan.agent_context}]\n", 1)[1].split("\n\n", 1)[0].splitlines()
-    names = "#".join(f.name for f in cfg.features())
+    names = "#".join(f.name for f in catalog.features(cfg))
     assert context == [
         'exten => s,1,Set(DYNAMIC_FEATURES=${IF($["${DYNAMIC_FEATURES}" != ""]?${DYNAMIC_FEATURES}#)}'
         + names + ")",
@@ -151,8 +152,25 @@ def test_features_file_maps_each_code_to_its_service_path(rendered):
     lines = (rendered / dialplan.FEATURES_FILE).read_text().splitlines()
     entries = [line for line in lines if " => " in line and not line.startswith(";")]
     moh = f",{cfg.dialplan.moh_class}" if cfg.dialplan.moh_class else ""
-    assert entries == [f"{f.name} => {f.code},{f.activate_on},AGI,{url}/{f.path}{moh}" for f in cfg.features()]
+    assert entries == [f"{f.name} => {f.code},{f.activate_on},AGI,{url}/{f.path}{moh}" for f in catalog.features(cfg)]
     assert lines.index("[applicationmap]") < lines.index(entries[0])
+
+
+@pytest.mark.parametrize("toml", [
+    "",
+    "[transfer]\nenabled = false\n",
+    "[transfer.colleague_keyed]\nenabled = false\n[warn]\nenabled = false\n",
+    '[end]\nenabled = false\n[warn]\nafter_last = "repeat"\n',
+])
+def test_every_path_the_dialplan_asks_for_is_served_and_no_other(toml):
+    """The rendered AGI URLs and the service's registry both come from the catalog."""
+    from calmline.service import build_registry
+
+    cfg = config_module.parse(toml)
+    files = dialplan.render(cfg)
+    url = re.escape(cfg.dialplan.service_url.rstrip("/"))
+    asked = set(re.findall(url + r"/([a-z/-]+)", "".join(files.values())))
+    assert asked == set(build_registry(cfg).paths())
 
 
 def test_write_refuses_to_replace_an_admins_file(tmp_path):
@@ -202,7 +220,7 @@ def test_codes_asterisk_would_confuse_are_config_errors(tmp_path, toml, expected
 
 def test_a_disabled_action_does_not_reserve_its_code():
     cfg = config_module.parse('[end]\nenabled = false\ncode = "*12"\n')
-    assert [f.code for f in cfg.features()] == ["*1", "*3", "*4", "*5"]
+    assert [f.code for f in catalog.features(cfg)] == ["*1", "*3", "*4", "*5"]
     with pytest.raises(ConfigError):
         config_module.parse('[end]\nenabled = true\ncode = "*12"\n')
 
@@ -212,3 +230,16 @@ def test_codes_are_checked_whatever_the_order_of_the_keys():
     with pytest.raises(ConfigError) as exc:
         config_module.parse('[warn]\ncode = "*31"\n')
     assert re.search(r"transfer\.supervisor\.code = '\*3' is a prefix of warn\.code = '\*31'", str(exc.value))
+
+
+def test_write_never_follows_a_symlink_at_its_target(tmp_path):
+    """A dangling symlink named calmline-features.conf used to be followed and created."""
+    (tmp_path / "calmline.toml").write_text("")
+    out = tmp_path / "etc"
+    out.mkdir()
+    (out / dialplan.FEATURES_FILE).symlink_to(tmp_path / "created-through-the-link")
+    result = calmline("-c", "calmline.toml", "dialplan", "--output-dir", "etc", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "is a symbolic link" in result.stderr
+    assert not (tmp_path / "created-through-the-link").exists()
+    assert not (out / dialplan.EXTENSIONS_FILE).exists()  # all or nothing

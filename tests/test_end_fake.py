@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import email
+import json
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -154,3 +158,49 @@ def test_warn_past_the_last_stage_ends_the_call_when_configured(serving, smtp):
     assert 'STREAM FILE "calmline/end" ""' in channel.commands and "HANGUP" in channel.commands
     steps = [e["step"] for e in svc.events(event="step")]
     assert steps[0] == "ladder_exhausted" and steps[-1] == "caller_hung_up_by_agent"
+
+
+def test_warn_past_the_last_stage_queues_the_callers_mail_too(serving, smtp):
+    """Warn runs End there, so it must read what End reads: the caller's address too."""
+    async def main():
+        async with serving(warn={"after_last": "end"}, mail=mail_config(smtp.port)) as svc:
+            channel = bridged_caller()
+            channel.variables.update(CALMLINE_WARNINGS="2", CALMLINE_CALLER_EMAIL="bob@example.org")
+            channel.functions.update(CALMLINE_WARNINGS="2", CALMLINE_CALLER_EMAIL="bob@example.org")
+            await run_session(svc.port, channel)
+            assert await wait_for(lambda: len(smtp.messages) == 2)
+            return svc
+
+    svc = run(main())
+    assert sorted(rcpt[0] for rcpt, _ in smtp.messages) == ["bob@example.org", "team@example.com"]
+    [queued] = svc.events(event="step", step="callback_queued")
+    assert queued["caller_email"] is True and queued["warnings"] == 2
+
+
+def audit_cli(svc, *args):
+    """`calmline audit ARGS`, run as an admin would, on the service's store."""
+    url = svc.svc.config.store.url
+    config = Path(url.removeprefix("sqlite:///")).with_name("cli.toml")
+    config.write_text(f'[store]\nurl = "{url}"\n', encoding="utf-8")
+    svc.svc.store.flush()
+    done = subprocess.run([sys.executable, "-m", "calmline", "-c", str(config), "audit", *args],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("smtp_up", [True, False])
+def test_audit_by_linkedid_shows_whether_the_callback_mail_went_out(serving, smtp, smtp_up):
+    async def main():
+        async with serving(mail=mail_config(smtp.port if smtp_up else 1)) as svc:
+            await run_session(svc.port, bridged_caller(), environment("end"))
+            assert await wait_for(lambda: svc.events(event="mail_sent" if smtp_up else "mail_failed"))
+            return audit_cli(svc, "--linkedid", "1795350788.44")
+
+    events = run(main())
+    mail = [(e["event"], e.get("kind")) for e in events if e["event"].startswith(("mail_", "caller_mail"))]
+    if smtp_up:
+        assert mail == [("caller_mail_skipped", None), ("mail_sent", "team")]
+    else:
+        assert mail == [("caller_mail_skipped", None), ("mail_failed", "team")]
+    assert {e["linkedid"] for e in events} == {"1795350788.44"}

@@ -243,7 +243,8 @@ def test_queue_and_deliver_team_and_caller_mail(smtp: SMTPServer, outbox: Outbox
     sent = [e for e in logs if e["event"] == "mail_sent"]
     assert [(e["kind"], e["smtp_reply"]) for e in sent] == [("team", "250 OK queued as 42"), ("caller", "250 OK queued as 42")]
     # Delivered once: nothing more to do.
-    assert worker.deliver_due_now(now=time.time() + 10**6) == (0, 0)
+    worker._clock = lambda: time.time() + 10**6
+    assert worker.deliver_due_now() == (0, 0)
     assert len(smtp.received) == 2
 
 
@@ -295,7 +296,8 @@ def test_outage_keeps_mail_pending_with_backoff_then_sends_once(down_smtp: SMTPS
     assert failed["attempt"] == 1 and failed["next_attempt_in"] == pytest.approx(0.05)
     assert failed["log_level"] == "warning"
 
-    assert worker.deliver_due_now(now=1000.04) == (0, 0)  # not due yet: no hammering
+    worker._clock = lambda: 1000.04
+    assert worker.deliver_due_now() == (0, 0)  # not due yet: no hammering
     worker._clock = lambda: 1000.06
     assert worker.deliver_due_now() == (0, 1)
     assert outbox.items()[0].next_attempt == pytest.approx(1000.06 + 0.1)  # doubled
@@ -305,7 +307,8 @@ def test_outage_keeps_mail_pending_with_backoff_then_sends_once(down_smtp: SMTPS
     assert worker.deliver_due_now() == (1, 0)
     [item] = outbox.items()
     assert (item.status, item.attempts, item.last_error) == ("sent", 3, None)
-    assert worker.deliver_due_now(now=10**9) == (0, 0)
+    worker._clock = lambda: 10**9
+    assert worker.deliver_due_now() == (0, 0)
     assert len(down_smtp.received) == 1
 
 
@@ -430,7 +433,7 @@ def test_sigkill_between_queueing_and_sending_delivers_exactly_once(smtp: SMTPSe
         await until(lambda: [i.status for i in box.items()] == ["sent", "sent"])
         await worker.stop()
         await task
-        assert OutboxWorker(box, cfg).deliver_due_now(now=time.time() + 10**6) == (0, 0)
+        assert OutboxWorker(box, cfg, clock=lambda: time.time() + 10**6).deliver_due_now() == (0, 0)
         box.close()
 
     asyncio.run(fresh_service())
@@ -447,7 +450,8 @@ def test_crash_after_accept_resends_with_the_same_message_id(smtp: SMTPServer, o
     [claimed] = outbox.due(100.0, claim_for=worker.claim_seconds)
     message, recipient = mail.build_message(claimed, cfg)
     send(message, cfg, recipients=[recipient])  # ...and the process dies here
-    assert worker.deliver_due_now(now=100.0 + worker.claim_seconds) == (1, 0)
+    worker._clock = lambda: 100.0 + worker.claim_seconds
+    assert worker.deliver_due_now() == (1, 0)
     first, second = smtp.received
     assert first.message["Message-ID"] == second.message["Message-ID"]
     assert first.data == second.data  # byte-identical: the receiver can drop the duplicate
@@ -574,8 +578,8 @@ def test_last_line_of_defence_refuses_a_multi_line_header(monkeypatch: pytest.Mo
 
 def test_deliver_due_now_tries_each_message_once_per_call(down_smtp: SMTPServer, outbox: Outbox):
     outbox.add(make_request())
-    worker = OutboxWorker(outbox, mail_cfg(down_smtp, max_attempts=100))
-    assert worker.deliver_due_now(now=time.time() + 10**6) == (0, 2)
+    worker = OutboxWorker(outbox, mail_cfg(down_smtp, max_attempts=100), clock=lambda: time.time() + 10**6)
+    assert worker.deliver_due_now() == (0, 2)
     assert [i.attempts for i in outbox.items()] == [1, 1]
 
 
@@ -611,6 +615,18 @@ def test_unknown_placeholder_raises_config_error_naming_the_key():
     )
     assert [p.split(":", 1)[0] for p in problems] == ["mail.subject", "mail.caller_subject", "mail.caller_template"]
     assert "{0}" in problems[1]
+
+
+@pytest.mark.parametrize("template", ["{caller_name:>50000000}", "{caller_name!r}", "{caller_number:0100000}",
+                                      "{caller_name!s:>9}", "{time:%Y}"])
+def test_format_specs_and_conversions_are_refused_before_any_mail_is_built(template):
+    """`{caller_name:>50000000}` passed check, then took 15 s and 553 MB per mail."""
+    problems = check_templates(MailConfig(caller_template=f"Hello {template}"))
+    assert len(problems) == 1 and problems[0].startswith("mail.caller_template: placeholder {")
+    assert "format spec or conversion" in problems[0]
+    with pytest.raises(ConfigError):
+        build_caller_message(make_request(caller_email="c@example.com"),
+                             MailConfig(caller_template=f"Hello {template}"))
 
 
 def test_worker_records_a_template_error_instead_of_crashing(smtp: SMTPServer, outbox: Outbox):
@@ -725,14 +741,14 @@ def test_outbox_report_lists_pending_and_failed(down_smtp: SMTPServer, outbox: O
     outbox.add(make_request(key="call-b", caller_email=None))
     worker = OutboxWorker(outbox, mail_cfg(down_smtp, max_attempts=1), clock=lambda: 1_700_000_000.0)
     [first] = outbox.due(0, limit=1)  # call-a/team: leave it untried
-    outbox.mark_sent(first, "250 OK")
+    outbox.mark_sent(first, "250 OK", 1_700_000_000.0)
     assert worker.deliver_due_now() == (0, 2)
-    report = outbox_report(outbox, now=1_600_000_000.0)
+    report = outbox_report(outbox)
     lines = report.splitlines()
     assert lines[0].split() == ["KEY", "KIND", "STATUS", "ATTEMPTS", "NEXT", "ATTEMPT", "LAST", "ERROR"]
     assert lines[1].split()[:4] == ["call-a", "caller", "failed", "1"]
     assert lines[2].split()[:4] == ["call-b", "team", "failed", "1"]
     assert "cannot connect to 127.0.0.1" in lines[1]
     assert lines[-1] == "0 pending, 2 failed, 1 sent"
-    outbox.retry_now(["call-b"])
+    outbox.retry_now()
     assert "call-b  team    pending  1         now" in outbox_report(outbox)

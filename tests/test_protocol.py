@@ -15,11 +15,15 @@ from calmline.errors import (
     ConnectionLost,
     DeadChannel,
     InvalidCommand,
+    LineTooLong,
+    MalformedAnswer,
+    PeerSilent,
     ProtocolError,
+    TruncatedInput,
     UnsafeArgument,
     UsageError,
 )
-from calmline.fastagi.protocol import AGIStream, Answer
+from calmline.fastagi.protocol import HANGUP, TRYING, AGIStream, Answer, parse_answer
 
 
 class Peer:
@@ -302,7 +306,7 @@ def test_520_block_cut_off_by_eof_is_connection_lost():
     error, _ = failure(two_lines, "STREAM FILE", then_close=True)
     assert type(error) is ConnectionLost
     error, _ = failure(two_lines[:70], "STREAM FILE", then_close=True)
-    assert type(error) is ProtocolError
+    assert type(error) is TruncatedInput
 
 
 def test_510_is_invalid_command_and_the_stream_stays_in_sync():
@@ -339,7 +343,9 @@ def test_unknown_non_200_code_is_a_plain_command_error():
         b"\n",
         b"200\n",
         b"200result=1\n",
-        b"200 result=1 junk\n",
+        b"200 result=1 endpos=\n",
+        b"200 result=1 endpos=12x\n",
+        b"200 result=1 (data) 5 more\n",
         b"200 result=1 (unterminated\n",
         b"200 result=1 endpos=abc\n",
         b"2000 result=1\n",
@@ -350,12 +356,12 @@ def test_unknown_non_200_code_is_a_plain_command_error():
 )
 def test_malformed_answer_is_a_protocol_error(line):
     error, _ = failure(line)
-    assert type(error) is ProtocolError, error
+    assert type(error) is MalformedAnswer, error
 
 
 def test_truncated_answer_then_eof_is_a_protocol_error():
     error, _ = failure(b"200 result=1 (half", then_close=True)
-    assert type(error) is ProtocolError
+    assert type(error) is TruncatedInput
     assert "truncated" in str(error)
 
 
@@ -368,13 +374,13 @@ def test_eof_is_connection_lost():
 
 def test_line_over_max_line_is_a_protocol_error():
     error, _ = failure(b"200 result=1 (" + b"x" * 5000 + b")\n", max_line=1024)
-    assert type(error) is ProtocolError
+    assert type(error) is LineTooLong
     assert "1024" in str(error)
 
 
 def test_line_over_max_line_without_newline_is_a_protocol_error():
     error, _ = failure(b"y" * 4000, max_line=1024)
-    assert type(error) is ProtocolError
+    assert type(error) is LineTooLong
 
 
 def test_line_just_under_max_line_is_accepted():
@@ -394,7 +400,7 @@ def test_silent_peer_times_out_as_a_protocol_error():
             return info.value, time.monotonic() - started
 
     error, elapsed = run(main())
-    assert type(error) is ProtocolError
+    assert type(error) is PeerSilent
     assert "STREAM" in str(error)
     assert 0.15 <= elapsed < 1.5
 
@@ -415,7 +421,7 @@ def test_after_a_timeout_a_late_answer_is_never_taken_for_the_next_commands():
             return outcome, time.monotonic() - started
 
     outcome, elapsed = run(main())
-    assert type(outcome) is ProtocolError, outcome
+    assert type(outcome) is PeerSilent, outcome
     assert elapsed < 0.1  # refused at once, not after another answer_timeout
 
 
@@ -508,14 +514,14 @@ def test_environment_leaves_the_commands_that_follow_unread():
 @pytest.mark.parametrize(
     ("data", "close", "expected"),
     [
-        (b"hello\n\n", False, ProtocolError),
-        (b"\x00\xff\xfe\xfd\x80\n\n", False, ProtocolError),
-        (b"\n", False, ProtocolError),  # no request named
-        (b"agi_channel: x\n\n", False, ProtocolError),  # no request named
+        (b"hello\n\n", False, MalformedAnswer),
+        (b"\x00\xff\xfe\xfd\x80\n\n", False, MalformedAnswer),
+        (b"\n", False, MalformedAnswer),  # no request named
+        (b"agi_channel: x\n\n", False, MalformedAnswer),  # no request named
         (b"", True, ConnectionLost),  # closed before saying anything
-        (b"agi_network: yes\nagi_network_script: warn\n", True, ProtocolError),  # block cut off
-        (b"agi_network: yes\nagi_network_scr", True, ProtocolError),
-        (b"AGI_NETWORK: yes\n\n", False, ProtocolError),
+        (b"agi_network: yes\nagi_network_script: warn\n", True, TruncatedInput),  # block cut off
+        (b"agi_network: yes\nagi_network_scr", True, TruncatedInput),
+        (b"AGI_NETWORK: yes\n\n", False, MalformedAnswer),
     ],
 )
 def test_bad_environment(data, close, expected):
@@ -526,14 +532,14 @@ def test_bad_environment(data, close, expected):
 def test_environment_timeout_is_a_protocol_error():
     started = time.monotonic()
     result = read_env(b"agi_network: yes\n", timeout=0.2)
-    assert type(result) is ProtocolError
+    assert type(result) is PeerSilent
     assert "1 lines received" in str(result)
     assert time.monotonic() - started < 1.5
 
 
 def test_environment_with_too_many_lines_is_refused():
     data = "".join(environment()[:-1]) + "".join(f"agi_arg_{i}: x\n" for i in range(1, 400)) + "\n"
-    assert type(read_env(data.encode())) is ProtocolError
+    assert type(read_env(data.encode(), max_line=16384)) is MalformedAnswer
 
 
 def test_blocks_longer_than_one_socket_read_arrive_whole():
@@ -557,4 +563,74 @@ def test_blocks_longer_than_one_socket_read_arrive_whole():
 def test_environment_line_over_max_line_is_refused():
     data = "".join(environment(calleridname="B" * 3000)).encode()
     result = read_env(data, max_line=1024)
-    assert type(result) is ProtocolError
+    assert type(result) is LineTooLong
+
+
+# --- parse_answer, without a socket ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("200 result=0 endpos=7040", Answer("0", None, 7040)),
+    ("200 result=0 Gosub complete", Answer("0", None, None, "Gosub complete")),
+    ("200 result=0 Gosub complete (abnormal exit)", Answer("0", None, None, "Gosub complete (abnormal exit)")),
+    ("200 result=-1 Gosub label not found", Answer("-1", None, None, "Gosub label not found")),
+    ("100 result=0 Trying...", TRYING),
+    ("HANGUP", HANGUP),
+])
+def test_parse_answer_reads_what_asterisk_sends(line, expected):
+    assert parse_answer(line, "GOSUB x s 1") == expected
+
+
+@pytest.mark.parametrize(("line", "error", "code"), [
+    ("510 Invalid or unknown command", InvalidCommand, 510),
+    ("511 Command Not Permitted on a dead channel or intercept routine", DeadChannel, 511),
+    ("520 Invalid command syntax.  Proper usage not available.", UsageError, 520),
+    ("503 result=-2 Memory allocation failure", AGICommandError, 503),
+])
+def test_parse_answer_raises_the_typed_error_for_each_code(line, error, code):
+    with pytest.raises(error) as info:
+        parse_answer(line, "GOSUB x s 1")
+    assert type(info.value) is error and info.value.code == code
+    assert getattr(info.value, "block", False) is False
+
+
+def test_parse_answer_says_when_a_usage_block_follows():
+    with pytest.raises(UsageError) as info:
+        parse_answer("520-Invalid command syntax.  Proper usage follows:", "STREAM FILE")
+    assert info.value.block is True
+
+
+@pytest.mark.parametrize("line", [
+    "200 result=1 endpos=" + "9" * 5000, "200 result=" + "9" * 5000, "200 result=1 endpos=²",
+    "200 result=1 endpos=١٢", "² result=1", "²00 result=1", "199 x", "600 x", "200", "HANGUP ",
+])
+def test_parse_answer_refuses_numbers_no_parser_should_trust(line):
+    with pytest.raises(MalformedAnswer):
+        parse_answer(line)
+
+
+def test_a_result_in_another_script_is_not_a_number():
+    assert parse_answer("200 result=١").result is None
+    assert parse_answer("200 result=1_0").result is None
+    assert parse_answer("200 result=-12").result == -12
+
+
+def test_a_gosub_answers_trying_first_and_its_result_later():
+    """app_stack.c: `100 result=0 Trying...` when the routine starts, `200` when it returns."""
+
+    async def main():
+        async with wire(answer_timeout=0.5) as (stream, peer):
+            task = asyncio.create_task(stream.command("GOSUB calmline-sub s 1"))
+            await peer.expect("GOSUB calmline-sub s 1")
+            await asyncio.sleep(0.3)
+            await peer.send(b"100 result=0 Trying...\n")
+            await asyncio.sleep(0.4)  # 0.7 s since the command, 0.4 s since the routine started
+            assert not task.done()
+            await peer.send(b"200 result=0 Gosub complete\n")
+            answer = await asyncio.wait_for(task, 2)
+            after = await ask(stream, peer, "NOOP", b"200 result=0\n")
+            return answer, after
+
+    answer, after = run(main())
+    assert answer == Answer("0", None, None, "Gosub complete") and answer.result == 0
+    assert after == Answer("0")

@@ -9,6 +9,7 @@ import random
 import re
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -536,6 +537,50 @@ def test_audit_cli_prints_the_trail_and_one_call(tmp_path):
     assert (nothing.returncode, nothing.stdout, nothing.stderr) == (0, "", "")
 
 
+# Characters that would make a terminal show something other than the event: escapes, C1
+# controls, bidi overrides and isolates, zero-width, line separators, invisible tag letters.
+HIDDEN = "\x1b[2J\x07\x7f\x85\x9b\u202e\u2066\u200b\u200e\u2028\u2029\ufeff\U000e0041"
+
+
+def test_audit_cli_writes_control_and_bidi_characters_as_escapes(tmp_path):
+    import unicodedata
+
+    db = tmp_path / "live.sqlite3"
+    trail = Trail(db)
+    name = f"Mallory {HIDDEN} gnp.exe"
+    trail.session(at(9, 0, 0), "warn", linkedid="H.1", agent=ALICE, name=name, steps=[warned(1)])
+    trail.close()
+    done = _cli(tmp_path, db, "audit")
+    assert done.returncode == 0, done.stderr
+    shown = {ch for ch in done.stdout if ch != "\n" and unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")}
+    assert shown == set()
+    assert "\\u202e" in done.stdout and "\\udb40\\udc41" in done.stdout
+    # Nothing is lost: the JSON reads back as the name that was recorded.
+    assert {json.loads(line)["caller_name"] for line in done.stdout.splitlines()} == {name}
+
+
+def test_audit_cli_says_on_stderr_when_the_limit_cuts_the_trail(tmp_path):
+    db = tmp_path / "live.sqlite3"
+    trail = Trail(db)
+    for minute in range(70):  # three events each: 210, past the default 200
+        trail.session(at(9, minute // 60, minute % 60), "warn", linkedid="L.1", agent=ALICE, steps=[warned(1)])
+    trail.close()
+    newest = _cli(tmp_path, db, "audit")
+    lines = newest.stdout.splitlines()
+    assert newest.returncode == 0 and len(lines) == 200
+    assert json.loads(lines[-1])["ts"] == "2025-03-09T01:09:00.200000+00:00"  # the newest kept
+    assert newest.stderr == ("calmline: showing the newest 200 events; there are more "
+                             "(pass --limit with a larger number)\n")
+    first = _cli(tmp_path, db, "audit", "--linkedid", "L.1", "--limit", "4")
+    assert [json.loads(line)["event"] for line in first.stdout.splitlines()] == [
+        "session_start", "step", "session_end", "session_start"]
+    assert "the first 4 events of call L.1" in first.stderr
+    everything = _cli(tmp_path, db, "audit", "--limit", "210")
+    assert len(everything.stdout.splitlines()) == 210 and everything.stderr == ""
+    refused = _cli(tmp_path, db, "audit", "--limit", "0")
+    assert refused.returncode == 2 and "--limit must be at least 1" in refused.stderr
+
+
 @pytest.mark.parametrize("command", ["audit", "report"])
 def test_cli_on_a_file_that_is_not_an_audit_trail_says_so(tmp_path, command):
     bad = tmp_path / "not-sqlite.db"
@@ -548,3 +593,26 @@ def test_cli_on_a_file_that_is_not_an_audit_trail_says_so(tmp_path, command):
     missing.mkdir()
     done = _cli(tmp_path, missing, command)
     assert done.returncode == 1 and "no store at" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_report_never_writes_through_a_planted_symlink_and_is_private(tmp_path):
+    """As root, `--output DIR/report.html` wrote through a planted `report.html.partial`."""
+    db = tmp_path / "live.sqlite3"
+    trail = Trail(db)
+    trail.session(datetime.now(timezone.utc) - timedelta(hours=1), "warn", linkedid="P.1", agent=ALICE,
+                  steps=[warned(1)])
+    trail.close()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (shared / "report.html.partial").symlink_to(victim)
+    (shared / "report.html").symlink_to(tmp_path / "dangling-target")
+    done = _cli(tmp_path, db, "report", "--output", str(shared / "report.html"))
+    assert done.returncode == 0, done.stderr
+    assert victim.read_text() == "precious\n"
+    assert not (tmp_path / "dangling-target").exists()
+    out = shared / "report.html"
+    assert not out.is_symlink() and "P.1" in out.read_text(encoding="utf-8")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600  # caller data
+    assert sorted(p.name for p in shared.iterdir()) == ["report.html", "report.html.partial"]

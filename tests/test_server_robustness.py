@@ -16,8 +16,11 @@ from fake_asterisk import FakeChannel, bridged_caller, environment, run_session
 async def raw_exchange(port: int, data: bytes, *, eof: bool = False, timeout: float = 3.0) -> tuple[bytes, float]:
     """Connect, send `data` (then half-close if `eof`), read until the server closes."""
     started = time.monotonic()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     received = b""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionResetError:  # refused with a reset before the handshake was seen
+        return received, time.monotonic() - started
     try:
         if data:
             writer.write(data)

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import sys
+import unicodedata
 from pathlib import Path
 
 from calmline import __version__
@@ -101,12 +102,46 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if db is None:
         return EXIT_FAILED
     try:
-        events = read_events(db, linkedid=args.linkedid, limit=args.limit)
+        events = read_events(db, linkedid=args.linkedid, limit=args.limit + 1)
     except DATABASE_ERRORS as exc:
         return _unreadable(db, exc)
-    for event in events:
-        print(json.dumps(event, ensure_ascii=False))
+    for line in _audit_lines(events, args.limit, args.linkedid):
+        print(line)
     return EXIT_OK
+
+
+def _audit_lines(events: list[dict], limit: int, linkedid: str | None) -> list[str]:
+    """The events as JSON lines a terminal shows as they are; says on stderr what --limit cut.
+
+    `events` holds up to `limit + 1`: the newest (oldest first), or a call's first ones.
+    """
+    if len(events) > limit:
+        events = events[:limit] if linkedid else events[-limit:]
+        which = f"the first {limit} events of call {linkedid}" if linkedid else f"the newest {limit} events"
+        print(f"calmline: showing {which}; there are more (pass --limit with a larger number)",
+              file=sys.stderr)
+    return [_visible(json.dumps(event, ensure_ascii=False)) for event in events]
+
+
+_INVISIBLE = frozenset(("Cc", "Cf", "Cs", "Zl", "Zp"))
+
+
+def _visible(line: str) -> str:
+    """A JSON line with every control and format character (bidi overrides such as U+202E,
+    zero-width and tag characters) written as its JSON escape, so what an audit line shows
+    on a terminal is what it holds. json.dumps has already escaped C0 controls."""
+    if line.isascii():
+        return line.replace("\x7f", "\\u007f")
+    out = []
+    for ch in line:
+        if unicodedata.category(ch) not in _INVISIBLE:
+            out.append(ch)
+        elif ord(ch) > 0xFFFF:  # JSON spells an astral character as its UTF-16 pair
+            high, low = divmod(ord(ch) - 0x10000, 0x400)
+            out.append(f"\\u{0xD800 + high:04x}\\u{0xDC00 + low:04x}")
+        else:
+            out.append(f"\\u{ord(ch):04x}")
+    return "".join(out)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -114,6 +149,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from datetime import datetime, timedelta, timezone
 
     from calmline.audit.report import build_report, render_html
+    from calmline.files import PRIVATE, write_atomically
     from calmline.store import DATABASE_ERRORS
 
     cfg, _source = _load(args)
@@ -129,9 +165,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     output = args.output
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        partial = output.with_name(output.name + ".partial")
-        partial.write_text(render_html(report), encoding="utf-8")
-        partial.replace(output)
+        write_atomically(output, render_html(report), PRIVATE)  # caller data: 0600
     except OSError as exc:
         print(f"calmline: cannot write the report {output}: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -150,7 +184,12 @@ def cmd_dialplan(args: argparse.Namespace) -> int:
             print(f";;; ---- {name} ----")
             print(text, end="")
         return EXIT_OK
-    for path in dialplan.write(files, args.output_dir):
+    try:
+        written = dialplan.write(files, args.output_dir)
+    except OSError as exc:
+        print(f"calmline: cannot write to {args.output_dir} (--output-dir): {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for path in written:
         print(f"wrote {path}")
     return EXIT_OK
 
@@ -208,6 +247,16 @@ def _positive_days(text: str) -> int:
     return days
 
 
+def _positive_limit(text: str) -> int:
+    try:
+        limit = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of events") from None
+    if limit < 1:
+        raise argparse.ArgumentTypeError("--limit must be at least 1")
+    return limit
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="calmline", description="Keypad codes for agents facing abusive callers, over FastAGI."
@@ -257,8 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     ob.set_defaults(func=cmd_outbox)
 
     audit = sub.add_parser("audit", help="print audit events as JSON lines")
-    audit.add_argument("--linkedid", help="only this call")
-    audit.add_argument("--limit", type=int, default=200)
+    audit.add_argument("--linkedid", metavar="ID", help="only this call")
+    audit.add_argument("--limit", metavar="N", type=_positive_limit, default=200,
+                       help="at most this many events (default 200): the newest, or with --linkedid the "
+                            "call's first; stderr says when there are more")
     audit.set_defaults(func=cmd_audit)
 
     rep = sub.add_parser("report", help="write the supervisors' HTML report of escalations from the audit trail")

@@ -19,6 +19,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
     ValidationError,
     model_validator,
 )
@@ -31,7 +34,7 @@ _DTMF = re.compile(r"^[0-9*#A-D]{1,8}$")
 _PROMPT = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
 _CONTEXT = re.compile(r"^[A-Za-z0-9_-]{1,79}$")
 _VARIABLE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
-_DIAL_FORBIDDEN = re.compile(r"[,|$\{\}\[\]\"'\\;\s&]")
+_DIAL_FORBIDDEN = re.compile(r"[,|$\{\}\[\]\"'\\;\s&()]")
 _EMAIL = re.compile(r"^[^@\s<>,;\"]+@[^@\s<>,;\"]+$")
 _HEADERISH = re.compile(r"[\r\n\x00]")
 
@@ -71,6 +74,40 @@ def _dial_target(value: str) -> str:
         )
     if "/" not in value:
         raise ValueError("a dial target names its technology, e.g. \"PJSIP/2001\"")
+    return value
+
+
+_MOH_CLASS = re.compile(r"^[A-Za-z0-9_-]{0,79}$")
+_EXTENSION_PREFIX = re.compile(r"^[0-9*#]{1,20}$")
+_SERVICE_URL = re.compile(
+    r"^(?P<scheme>h?agi)://(?P<host>[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])"
+    r"(?::(?P<port>[0-9]{1,5}))?(?P<path>/[A-Za-z0-9._~/-]{0,200})?$"
+)
+
+
+def _moh_class(value: str) -> str:
+    if not _MOH_CLASS.match(value):
+        raise ValueError(
+            "a music-on-hold class is a [section] name of musiconhold.conf: letters, digits, _ "
+            "and - (e.g. \"default\"; see `moh show classes`), or \"\" for none"
+        )
+    return value
+
+
+def _extension_prefix(value: str) -> str:
+    if not _EXTENSION_PREFIX.match(value):
+        raise ValueError("an extension prefix is 1-20 of the keys 0-9 * # (e.g. \"*78\")")
+    return value
+
+
+def _service_url(value: str) -> str:
+    match = _SERVICE_URL.match(value)
+    if not match or (match["port"] and not 1 <= int(match["port"]) <= 65535):
+        raise ValueError(
+            "the URL Asterisk reaches calmline at: agi://HOST[:PORT][/PATH] or hagi://DOMAIN, "
+            "with HOST a name or address (e.g. \"agi://127.0.0.1:4573\"); no commas, spaces, "
+            "quotes or ${...}: it is written into features.conf and the dialplan"
+        )
     return value
 
 
@@ -116,11 +153,14 @@ class Section(BaseModel):
 
 class ServerConfig(Section):
     host: str = "127.0.0.1"
-    port: int = Field(4573, ge=0, le=65535, description="0 picks a free port (for tests)")
-    max_sessions: int = Field(500, ge=1, le=100_000)
-    max_line_bytes: int = Field(16384, ge=1024, le=1_048_576)
-    environment_timeout: float = Field(5.0, gt=0, le=300)
-    answer_timeout: float = Field(300.0, gt=0, le=3600)
+    port: StrictInt = Field(4573, ge=0, le=65535, description="0 picks a free port (for tests)")
+    max_sessions: StrictInt = Field(500, ge=1, le=100_000)
+    # None: one peer may hold every slot (one Asterisk). Set it when several hosts connect.
+    max_sessions_per_peer: StrictInt | None = Field(None, ge=1, le=100_000)
+    max_line_bytes: StrictInt = Field(16384, ge=1024, le=1_048_576)
+    environment_timeout: StrictFloat = Field(5.0, gt=0, le=300)
+    answer_timeout: StrictFloat = Field(300.0, gt=0, le=3600)
+    shutdown_grace: StrictFloat = Field(30.0, ge=0, le=3600)
     allow: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -136,6 +176,21 @@ class ServerConfig(Section):
 
     def allowed_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(entry, strict=False) for entry in self.allow]
+
+    def exposure_warning(self) -> str | None:
+        """A warning when any host on the network may connect: a wildcard bind, no allowlist."""
+        try:
+            wildcard = self.host == "" or ipaddress.ip_address(self.host).is_unspecified
+        except ValueError:
+            wildcard = False
+        if not wildcard or self.allow:
+            return None
+        return (
+            f"server.host = {self.host!r} with an empty server.allow: every host that can reach "
+            f"port {self.port} can run calmline's actions, which mails an address of its choosing "
+            f"and forges escalations in the audit trail; list your Asterisk hosts in server.allow "
+            f"(e.g. allow = [\"10.0.0.5\"]) or bind to one address"
+        )
 
 
 class StoreConfig(Section):
@@ -159,8 +214,8 @@ class StoreConfig(Section):
 
 
 class AuditConfig(Section):
-    stdout: bool = True
-    commit_timeout: float = Field(5.0, gt=0, le=300)
+    stdout: StrictBool = True
+    commit_timeout: StrictFloat = Field(5.0, gt=0, le=300)
 
 
 class WarnStage(Section):
@@ -168,7 +223,7 @@ class WarnStage(Section):
 
 
 class WarnConfig(Section):
-    enabled: bool = True
+    enabled: StrictBool = True
     code: DTMFCode = "*1"
     stages: list[WarnStage] = Field(
         default_factory=lambda: [
@@ -187,7 +242,7 @@ class TransferTarget(Section):
 
     code: DTMFCode
     dial: DialTarget
-    ring_seconds: int = Field(20, ge=5, le=300)
+    ring_seconds: StrictInt = Field(20, ge=5, le=300)
     prompt: Prompt
     reason: Label
     fallback: Literal["queue", "dial", "hangup"] = "queue"
@@ -197,14 +252,14 @@ class TransferTarget(Section):
 
 
 class ColleagueKeyedConfig(Section):
-    enabled: bool = True
+    enabled: StrictBool = True
     code: DTMFCode = "*5"
     prompt: Prompt = "calmline/enter-extension"
     invalid_prompt: Prompt = "calmline/extension-invalid"
     pattern: str = r"^[1-9][0-9]{1,5}$"
     dial_template: str = "PJSIP/{ext}"
-    timeout_seconds: int = Field(6, ge=1, le=60)
-    max_digits: int = Field(6, ge=1, le=20)
+    timeout_seconds: StrictInt = Field(6, ge=1, le=60)
+    max_digits: StrictInt = Field(6, ge=1, le=20)
 
     @model_validator(mode="after")
     def _check(self) -> ColleagueKeyedConfig:
@@ -219,9 +274,9 @@ class ColleagueKeyedConfig(Section):
 
 
 class TransferConfig(Section):
-    enabled: bool = True
+    enabled: StrictBool = True
     context: Context = "calmline-transfer"
-    caller_id_prefix: bool = True
+    caller_id_prefix: StrictBool = True
     supervisor: TransferTarget = TransferTarget(
         code="*3",
         dial="Local/supervisor@calmline-example-targets",
@@ -239,7 +294,7 @@ class TransferConfig(Section):
 
 
 class EndConfig(Section):
-    enabled: bool = True
+    enabled: StrictBool = True
     code: DTMFCode = "*9"
     prompt: Prompt = "calmline/end"
     reason: Label = "abusive caller: call ended by agent"
@@ -247,14 +302,14 @@ class EndConfig(Section):
 
 
 class MailConfig(Section):
-    enabled: bool = True
+    enabled: StrictBool = True
     host: str = "127.0.0.1"
-    port: int = Field(25, ge=1, le=65535)
-    starttls: bool = False
+    port: StrictInt = Field(25, ge=1, le=65535)
+    starttls: StrictBool = False
     username: str | None = None
     password: str | None = None
     password_env: Variable | None = None
-    timeout: float = Field(10.0, gt=0, le=300)
+    timeout: StrictFloat = Field(10.0, gt=0, le=300)
     sender: Email = "calmline@localhost"
     team_address: Email = "team@localhost"
     subject: OneLine = "Callback request: {caller_number} ({reason})"
@@ -267,9 +322,9 @@ class MailConfig(Section):
         "you are ready to talk it through.\n\n"
         "Kind regards,\nThe support team\n"
     )
-    retry_initial_seconds: float = Field(30.0, gt=0)
-    retry_max_seconds: float = Field(3600.0, gt=0)
-    max_attempts: int = Field(48, ge=1)
+    retry_initial_seconds: StrictFloat = Field(30.0, gt=0)
+    retry_max_seconds: StrictFloat = Field(3600.0, gt=0)
+    max_attempts: StrictInt = Field(48, ge=1)
 
     def resolved_password(self) -> str | None:
         if self.password_env:
@@ -279,13 +334,13 @@ class MailConfig(Section):
 
 class DialplanConfig(Section):
     agent_context: Context = "calmline-agent"
-    moh_class: str | None = "default"
+    moh_class: Annotated[str, AfterValidator(_moh_class)] | None = "default"
     admin_context: Context = "calmline-admin"
-    admin_extension: str = "*78"
+    admin_extension: Annotated[str, AfterValidator(_extension_prefix)] = "*78"
     example_context: Context = "calmline-example-inbound"
     example_queue: Context = "support"
     existing_features_conf: Path | None = None
-    service_url: str = "agi://127.0.0.1:4573"
+    service_url: Annotated[str, AfterValidator(_service_url)] = "agi://127.0.0.1:4573"
 
 
 class PromptsConfig(Section):
@@ -293,22 +348,6 @@ class PromptsConfig(Section):
     languages: list[Annotated[str, AfterValidator(_context)]] = Field(
         default_factory=lambda: ["en"], min_length=1
     )
-
-
-# Not a keypad code: the rendered transfer context calls it when a transferred call ends.
-TRANSFER_RESULT_PATH = "transfer/result"
-
-
-class Feature(BaseModel):
-    """One keypad code: its features.conf name, DTMF, who runs it, and the service path."""
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    code: str
-    activate_on: Literal["peer", "self"]
-    path: str
-    key: str
 
 
 # Keys earlier versions had, and what replaced them.
@@ -346,9 +385,11 @@ class Config(Section):
     def _check_after_last(self) -> Config:
         if self.warn.after_last == "end" and not self.end.enabled:
             raise ValueError("warn.after_last = \"end\" needs [end] enabled = true")
-        features = self.features()
-        for a in features:
-            for b in features:
+        from calmline.actions.catalog import features  # imported here: the catalog reads Config
+
+        codes = features(self)
+        for a in codes:
+            for b in codes:
                 if a is not b and b.code.startswith(a.code):
                     same = "is the same as" if a.code == b.code else "is a prefix of"
                     raise ValueError(
@@ -357,28 +398,6 @@ class Config(Section):
                         f"does not start another (e.g. *1, *3, *9)"
                     )
         return self
-
-    def features(self) -> list[Feature]:
-        """The keypad codes of the enabled actions: the one table the dialplan, the service
-        and `calmline check` all read."""
-        out: list[Feature] = []
-        if self.warn.enabled:
-            out.append(Feature(name="calmline_warn", code=self.warn.code, activate_on="peer",
-                               path="warn", key="warn.code"))
-        if self.transfer.enabled:
-            t = self.transfer
-            out.append(Feature(name="calmline_supervisor", code=t.supervisor.code, activate_on="peer",
-                               path="transfer/supervisor", key="transfer.supervisor.code"))
-            out.append(Feature(name="calmline_colleague", code=t.colleague.code, activate_on="peer",
-                               path="transfer/colleague", key="transfer.colleague.code"))
-            if t.colleague_keyed.enabled:
-                out.append(Feature(name="calmline_colleague_keyed", code=t.colleague_keyed.code,
-                                   activate_on="self", path="transfer/colleague-keyed",
-                                   key="transfer.colleague_keyed.code"))
-        if self.end.enabled:
-            out.append(Feature(name="calmline_end", code=self.end.code, activate_on="peer",
-                               path="end", key="end.code"))
-        return out
 
     def prompt_names(self) -> list[str]:
         """Every prompt the enabled actions can play, in a stable order."""
@@ -410,6 +429,13 @@ def _location(loc: tuple) -> str:
     return out
 
 
+_STRICT_MESSAGES = {
+    "int_type": "must be a whole number such as 4573, not true/false, text or a fraction",
+    "float_type": "must be a number such as 5.0, not true/false or text",
+    "bool_type": "must be true or false (without quotes)",
+}
+
+
 def _problems(source: str, exc: ValidationError) -> list[str]:
     lines = []
     for error in exc.errors():
@@ -419,6 +445,8 @@ def _problems(source: str, exc: ValidationError) -> list[str]:
             message = "unknown key (check its spelling, or remove it)"
         elif error["type"] == "missing":
             message = "required key is missing"
+        elif error["type"] in _STRICT_MESSAGES:
+            message = _STRICT_MESSAGES[error["type"]]
         shown = error.get("input")
         value = "" if error["type"] in {"missing", "extra_forbidden"} or isinstance(shown, dict) else f" (got {shown!r})"
         lines.append(f"{source}: {key + ': ' if key else ''}{message}{value}")

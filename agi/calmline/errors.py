@@ -37,6 +37,22 @@ class ProtocolError(CalmlineError):
     outcome = "protocol_error"
 
 
+class MalformedAnswer(ProtocolError):
+    """A line that is none of the answers Asterisk sends (or numbers no parser should trust)."""
+
+
+class TruncatedInput(ProtocolError):
+    """The peer closed the socket in the middle of a line or of the environment block."""
+
+
+class LineTooLong(ProtocolError):
+    """A line or environment block longer than `server.max_line_bytes`."""
+
+
+class PeerSilent(ProtocolError):
+    """No complete answer (or environment block) within its timeout; the stream is out of step."""
+
+
 class ConnectionLost(ProtocolError):
     """Asterisk closed the socket; the call is gone as far as this session can tell."""
 
@@ -61,7 +77,15 @@ class InvalidCommand(AGICommandError):
 
 
 class UsageError(AGICommandError):
-    """520: the command's syntax was wrong (the usage block has been consumed)."""
+    """520: the command's syntax was wrong (the usage block has been consumed).
+
+    `block` is true when the answer opened a multi-line usage block (`520-`), which the
+    reader must consume before anything else is read.
+    """
+
+    def __init__(self, command: str, code: int, text: str, *, block: bool = False):
+        self.block = block
+        super().__init__(command, code, text)
 
 
 class DeadChannel(AGICommandError):

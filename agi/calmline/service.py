@@ -13,44 +13,26 @@ import sys
 from dataclasses import dataclass
 from typing import TextIO
 
-from calmline.fastagi.contract import Action, Registry
-from calmline.actions.end import End
-from calmline.actions.transfer import KeyedColleagueTransfer, Transfer, TransferResult
-from calmline.actions.warn import Warn
+from calmline.fastagi.contract import Registry
+from calmline.actions import catalog
 from calmline.audit.store import AuditStore
 from calmline.audit.trail import AuditTrail, configure
-from calmline.config import TRANSFER_RESULT_PATH, Config
+from calmline.config import Config
 from calmline.errors import ConfigError, StoreError
-from calmline.lines import LineSink
 from calmline.store import DATABASE_ERRORS, Database, reason
 from calmline.callback.mail import OutboxWorker
 from calmline.callback.outbox import Outbox
 from calmline.fastagi.server import FastAGIServer
+from calmline.lines import LineSink
 
 
 def build_registry(config: Config, outbox: Outbox | None = None, worker: OutboxWorker | None = None) -> Registry:
-    """Register each enabled action at the path `Config.features()` gives it, explicitly."""
-    counter = config.warn.counter_variable
-    end = End(
-        config.end,
-        counter_variable=counter,
-        email_variable=config.mail.caller_email_variable,
-        outbox=outbox,
-        wake=worker.wake if worker else (lambda: None),
-    )
-    t = config.transfer
-    actions: dict[str, Action] = {
-        "calmline_warn": Warn(config.warn, end),
-        "calmline_supervisor": Transfer("supervisor", t.supervisor, t.context, counter),
-        "calmline_colleague": Transfer("colleague", t.colleague, t.context, counter),
-        "calmline_colleague_keyed": KeyedColleagueTransfer(t.colleague_keyed, t.colleague, t.context),
-        "calmline_end": end,
-    }
+    """Every action the config enables, at its path in the catalog, wired to the outbox."""
+    wiring = catalog.Wiring(outbox, worker.wake if worker else (lambda: None))
     registry = Registry()
-    for feature in config.features():
-        registry.add(feature.path, actions[feature.name])
-    if t.enabled:
-        registry.add(TRANSFER_RESULT_PATH, TransferResult())
+    for spec in catalog.enabled(config):
+        registry.add(spec.path, spec.build(config, wiring), runs_on=spec.runs_on,
+                     reads=spec.reads(config), dead_ok=spec.dead_ok)
     return registry
 
 
@@ -115,27 +97,116 @@ def tune_gc() -> None:
     """Collect cyclic garbage less often, and never walk again what startup built.
 
     Each connection leaves a little cyclic garbage (asyncio's transport refers to itself
-    through a bound method), so collections must run. With Python's defaults one ran every
-    50 or so sessions and pushed the sessions in flight into older generations, and each
-    full collection walked all of pydantic and structlog, stalling every call for about
-    15 ms. Measured (bench/README.md, fifth pass): GC cost per session from 5.5 to 1.8 us,
-    the longest pause from 15 to 4 ms; a much higher threshold pauses longer for no gain.
+    through a bound method), so collections must run; with Python's defaults each full one
+    walked all of pydantic and structlog and stalled every call in flight
+    (bench/README.md has the measurements).
     """
     gc.collect()
     gc.freeze()
     gc.set_threshold(5_000)
 
 
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard one; return (soft, hard) after.
+
+    Each session holds one descriptor; the soft limit is often 1,024 while the hard one
+    allows far more, and only the hard one needs privilege to raise.
+    """
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return (-1, -1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft, hard
+    return target, hard
+
+
+STDERR_BACKLOG = 256 << 10  # bytes of stderr held for a slow reader before lines are dropped
+
+
+class _StderrLines:
+    """`sys.stderr` for the service: whole lines to a `LineSink`, so that a stderr nobody
+    reads (a pipe) drops lines, counted, instead of blocking the event loop."""
+
+    def __init__(self, sink: LineSink, original: TextIO):
+        self._sink = sink
+        self._partial = ""
+        self.encoding = "utf-8"
+        self.errors = "replace"
+        self._original = original
+
+    def write(self, text: str) -> int:
+        written = len(text)
+        text = self._partial + text
+        cut = text.rfind("\n") + 1
+        lines, self._partial = text[:cut], text[cut:]
+        if len(self._partial) > 65536:  # never hold an endless line back
+            lines, self._partial = lines + self._partial + "\n", ""
+        if lines:
+            self._sink.write(lines)
+        return written
+
+    def flush(self) -> None:
+        self._sink.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self._original.fileno()
+
+    def writable(self) -> bool:
+        return True
+
+
+def guard_stderr() -> LineSink | None:
+    """Route `sys.stderr` (tracebacks, warnings, logging, asyncio's handler) through a
+    non-blocking `LineSink` on fd 2; the sink's own notices about drops go there too."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, OSError):
+        return None
+    holder: list[LineSink] = []
+    sink = LineSink(fd, "stderr", limit=STDERR_BACKLOG, notice=lambda text: holder[0].write(text + "\n"))
+    holder.append(sink)
+    sys.stderr = _StderrLines(sink, sys.stderr)  # type: ignore[assignment]
+    return sink
+
+
 async def serve(config: Config, source: str) -> None:
     """Run until SIGINT or SIGTERM, then drain sessions and flush the audit trail."""
+    stderr = guard_stderr()
+    soft, _hard = raise_fd_limit()
     service = build(config)
-    host, port = await service.start()
-    tune_gc()
-    service.audit.event("service_started", config=source, host=host, port=port)
+    # Handlers go in before the port opens: whoever sees it listening may already stop us.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    host, port = await service.start()
+    tune_gc()
+    service.audit.event("service_started", config=source, host=host, port=port, fd_limit=soft)
+    exposure = config.server.exposure_warning()
+    if exposure:
+        service.audit.problem("open_to_the_network", warning=exposure)
+        sys.stderr.write(f"calmline: WARNING: {exposure}\n")
+    if stderr is not None:
+        # A stalled reader is retried now and then; lines wait in the sink meanwhile.
+        loop.call_later(1.0, _flush_every_second, loop, stderr)
     await stop.wait()
     service.audit.event("service_stopping")
-    await service.stop()
+    await service.stop(config.server.shutdown_grace)
+    if stderr is not None:
+        stderr.finish(timeout=1.0)
+
+
+def _flush_every_second(loop: asyncio.AbstractEventLoop, sink: LineSink) -> None:
+    if sink.behind:
+        sink.flush()
+    loop.call_later(1.0, _flush_every_second, loop, sink)

@@ -11,7 +11,14 @@ import asyncio
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from calmline.fastagi.contract import ActionContext
+from calmline.actions.catalog import (
+    CALL_MARKED,
+    CALLBACK_NOT_QUEUED,
+    CALLBACK_QUEUED,
+    CALLER_HUNG_UP_BY_AGENT,
+    CLOSING_PROMPT_PLAYED,
+)
+from calmline.fastagi.contract import ActionContext, parse_count
 from calmline.config import EndConfig
 from calmline.errors import ApplicationMissing, PromptMissing
 from calmline.callback.outbox import CallbackRequest, Outbox
@@ -21,8 +28,6 @@ CEL_EVENT = "CALMLINE_ENDED"
 
 class End:
     """Mark the call in CDR/CEL, queue the callback request, play the closing prompt, hang up."""
-
-    runs_on = "caller"
 
     def __init__(
         self,
@@ -38,12 +43,11 @@ class End:
         self._email = email_variable
         self._outbox = outbox
         self._wake = wake
-        self.reads = (counter_variable, email_variable)
 
     async def run(self, context: ActionContext) -> str:
         cfg, channel = self._config, context.channel
         raw = context.values.get(self._counter, "")
-        warnings = int(raw) if raw.isdigit() else 0
+        warnings = parse_count(raw) or 0
         missing_prompt: PromptMissing | None = None
         try:
             await self._queue_callback(context, warnings)
@@ -52,14 +56,14 @@ class End:
                 await channel.exec("CELGenUserEvent", f"{CEL_EVENT},{cfg.cdr_userfield}")
             except ApplicationMissing as exc:
                 context.audit.problem("cel_mark_failed", error=str(exc))
-            await context.audit.step("call_marked", cdr_userfield=cfg.cdr_userfield, cel_event=CEL_EVENT)
+            await context.audit.step(CALL_MARKED, cdr_userfield=cfg.cdr_userfield, cel_event=CEL_EVENT)
             try:
                 await channel.stream_file(cfg.prompt)
-                await context.audit.step("closing_prompt_played", prompt=cfg.prompt)
+                await context.audit.step(CLOSING_PROMPT_PLAYED, prompt=cfg.prompt)
             except PromptMissing as exc:
                 missing_prompt = exc  # the agent asked for the call to end: end it anyway
             await channel.hangup()
-            await context.audit.step("caller_hung_up_by_agent", warnings=warnings)
+            await context.audit.step(CALLER_HUNG_UP_BY_AGENT, warnings=warnings)
         finally:
             self._wake()
         if missing_prompt is not None:
@@ -89,10 +93,10 @@ class End:
             added = await asyncio.to_thread(self._outbox.add, request)
         except Exception as exc:  # the call still ends; the request survives in the audit trail
             await context.audit.step(
-                "callback_not_queued", error=f"{type(exc).__name__}: {exc}", request=fields,
+                CALLBACK_NOT_QUEUED, error=f"{type(exc).__name__}: {exc}", request=fields,
             )
             return
         await context.audit.step(
-            "callback_queued", key=request.key, duplicate=not added,
+            CALLBACK_QUEUED, key=request.key, duplicate=not added,
             caller_email=bool(request.caller_email), warnings=warnings,
         )

@@ -10,7 +10,14 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 
-from calmline.fastagi.contract import ActionContext
+from calmline.actions.catalog import (
+    CALLER_TRANSFERRED,
+    EXTENSION_KEYED,
+    EXTENSION_REJECTED,
+    TRANSFER_PROMPT_PLAYED,
+    TRANSFER_RESULT,
+)
+from calmline.fastagi.contract import ActionContext, parse_count
 from calmline.fastagi.channel import channel_argument
 from calmline.config import ColleagueKeyedConfig, TransferTarget
 from calmline.errors import CalmlineError
@@ -27,33 +34,30 @@ class InvalidExtension(CalmlineError):
 class Transfer:
     """Run on the caller's channel (feature `peer`): prompt, label, redirect."""
 
-    runs_on = "caller"
-
     def __init__(self, name: str, target: TransferTarget, context: str, counter_variable: str):
         self._name = name
         self._target = target
         self._context = context
         self._counter = counter_variable
-        self.reads = (counter_variable,)
 
     async def run(self, context: ActionContext) -> str:
         channel, target = context.channel, self._target
         warnings = context.values.get(self._counter, "") or "0"
         await channel.stream_file(target.prompt)
-        await context.audit.step("transfer_prompt_played", target=self._name, prompt=target.prompt)
+        await context.audit.step(TRANSFER_PROMPT_PLAYED, target=self._name, prompt=target.prompt)
         labels = {
             "CALMLINE_XFER_TARGET": self._name,
             "CALMLINE_XFER_REASON": target.reason,
             "CALMLINE_XFER_BY": context.call.agent_channel,
             "CALMLINE_XFER_AT": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "CALMLINE_XFER_WARNINGS": warnings if warnings.isdigit() else "0",
+            "CALMLINE_XFER_WARNINGS": str(parse_count(warnings) or 0),
         }
         for name, value in labels.items():
             # `__` makes them inherited by the target's channel too (screen pops, whisper).
             await channel.set_variable("__" + name, value)
         await channel.redirect(self._context, self._name)
         await context.audit.step(
-            "caller_transferred", target=self._name, dial=target.dial, reason=target.reason,
+            CALLER_TRANSFERRED, target=self._name, dial=target.dial, reason=target.reason,
             warnings=int(labels["CALMLINE_XFER_WARNINGS"]),
         )
         return "completed"
@@ -62,9 +66,6 @@ class Transfer:
 class KeyedColleagueTransfer:
     """Run on the agent's own channel (feature `self`): the agent keys the colleague's
     extension; only a valid entry moves the caller, anything else leaves the call as it was."""
-
-    runs_on = "agent"
-    reads = ()
 
     def __init__(self, config: ColleagueKeyedConfig, target: TransferTarget, context: str):
         self._config = config
@@ -78,9 +79,9 @@ class KeyedColleagueTransfer:
         if not keyed or not _DIGITS.match(keyed) or not self._pattern.fullmatch(keyed):
             await channel.stream_file(cfg.invalid_prompt)
             reason = "nothing keyed" if not keyed else f"{keyed[:20]!r} does not match transfer.colleague_keyed.pattern"
-            await context.audit.step("extension_rejected", keyed=(keyed or "")[:20], reason=reason)
+            await context.audit.step(EXTENSION_REJECTED, keyed=(keyed or "")[:20], reason=reason)
             raise InvalidExtension(reason)
-        await context.audit.step("extension_keyed", extension=keyed)
+        await context.audit.step(EXTENSION_KEYED, extension=keyed)
         caller = channel_argument(context.call.caller_channel)
         agent = channel_argument(context.call.agent_channel)
         for name, value in (
@@ -91,24 +92,20 @@ class KeyedColleagueTransfer:
         ):
             await channel.set_variable_on(caller, "__" + name, value)
         await channel.redirect(self._context, f"k{keyed}", other=caller)
-        await context.audit.step("caller_transferred", target="colleague_keyed", extension=keyed,
+        await context.audit.step(CALLER_TRANSFERRED, target="colleague_keyed", extension=keyed,
                                  caller_channel=context.call.caller_channel)
         return "completed"
 
 
 class TransferResult:
-    """Run from the transferred caller's hangup handler: records how the transfer ended."""
-
-    runs_on = "caller"
-    dead_ok = True
-    reads = ("CALMLINE_XFER_STATUS", "DIALSTATUS", "CALMLINE_XFER_TARGET", "CALMLINE_XFER_BY",
-             "CALMLINE_XFER_FALLBACK")
+    """Run from the transferred caller's hangup handler (on a dead channel): records how the
+    transfer ended, from the variables the rendered dialplan left."""
 
     async def run(self, context: ActionContext) -> str:
         values = context.values
         status = values.get("CALMLINE_XFER_STATUS") or values.get("DIALSTATUS") or "UNKNOWN"
         await context.audit.step(
-            "transfer_result",
+            TRANSFER_RESULT,
             target=values.get("CALMLINE_XFER_TARGET", ""),
             dial_status=status,
             answered=status == "ANSWER",

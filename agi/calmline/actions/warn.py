@@ -6,30 +6,30 @@ knows how many warnings this caller has had.
 
 from __future__ import annotations
 
-from calmline.fastagi.contract import Action, ActionContext
+from calmline.actions.catalog import LADDER_EXHAUSTED, WARNING_PLAYED
+from calmline.fastagi.contract import Action, ActionContext, parse_count
 from calmline.config import WarnConfig
 
 
 class Warn:
-    """Escalating warnings: stage 1, stage 2 (final), then repeat the last or end the call."""
-
-    runs_on = "caller"
+    """Escalating warnings: stage 1, stage 2 (final), then repeat the last, or run `end`
+    (given when `after_last = "end"`)."""
 
     def __init__(self, config: WarnConfig, end: Action | None = None):
         self._config = config
-        self._end = end if config.after_last == "end" else None
-        self.reads = (config.counter_variable,)
+        self._end = end
 
     async def run(self, context: ActionContext) -> str:
         counter = self._config.counter_variable
         raw = context.values.get(counter, "")
-        given = int(raw) if raw.isdigit() else 0
-        if raw and not raw.isdigit():
+        count = parse_count(raw)
+        given = count or 0
+        if raw and count is None:
             context.audit.problem("warning_counter_invalid", variable=counter, value=raw[:40])
         stages = self._config.stages
         stage = given + 1
         if stage > len(stages) and self._end is not None:
-            await context.audit.step("ladder_exhausted", warnings=given)
+            await context.audit.step(LADDER_EXHAUSTED, warnings=given)
             return await self._end.run(context)
         index = min(stage, len(stages)) - 1
         prompt = stages[index].prompt
@@ -37,7 +37,7 @@ class Warn:
         # The counter moves only once the step is committed: a service killed in between
         # leaves neither, and the next press plays the same stage again.
         await context.audit.step(
-            "warning_played",
+            WARNING_PLAYED,
             warning=stage,
             final=index == len(stages) - 1,
             repeated=stage > len(stages),

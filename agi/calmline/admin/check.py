@@ -16,7 +16,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from calmline.config import Config, Feature
+from calmline.actions.catalog import Feature, features
+from calmline.config import Config
 from calmline.errors import ConfigError
 
 AMI_SECRET_ENV = "CALMLINE_AMI_SECRET"
@@ -211,8 +212,8 @@ def _check_features_conf(cfg: Config, path: Path) -> tuple[list[str], list[str]]
     entries, ours, problems = read_features_conf(path)
     problems = [f"{key}: {p}" for p in problems]
     notes = []
-    features = cfg.features()
-    names = {f.name for f in features}
+    codes = features(cfg)
+    names = {f.name for f in codes}
     clashes: list[str] = []
     for entry in entries:
         if entry.category == "applicationmap" and entry.name in names:
@@ -221,7 +222,7 @@ def _check_features_conf(cfg: Config, path: Path) -> tuple[list[str], list[str]]
                 f"`#include calmline-features.conf` at the end of features.conf instead"
             )
             continue
-        for feature in features:
+        for feature in codes:
             why = _clash(entry.code, feature.code)
             if why:
                 clashes.append(
@@ -390,14 +391,14 @@ def _check_ami(cfg: Config, host: str, port: int, user: str | None, secret: str 
 
     outputs: dict[str, list[str]] = result["outputs"]  # type: ignore[assignment]
     loaded = parse_features_show(outputs["features show"])
-    problems, notes = _compare_loaded(cfg.features(), loaded, where)
+    problems, notes = _compare_loaded(features(cfg), loaded, where)
     more, ok = _compare_targets(cfg, outputs, where)
     return problems + more, notes + ok
 
 
-def _compare_loaded(features: list[Feature], loaded: dict[str, str], where: str) -> tuple[list[str], list[str]]:
+def _compare_loaded(expected: list[Feature], loaded: dict[str, str], where: str) -> tuple[list[str], list[str]]:
     problems = []
-    for feature in features:
+    for feature in expected:
         code = loaded.get(feature.name)
         if code is None:
             problems.append(
@@ -409,7 +410,7 @@ def _compare_loaded(features: list[Feature], loaded: dict[str, str], where: str)
                 f"{feature.key}: Asterisk at {where} has {feature.name} on {code!r}, the config says "
                 f"{feature.code!r}; {RELOAD_FIX}"
             )
-    names = {f.name for f in features}
+    names = {f.name for f in expected}
     for name, code in sorted(loaded.items()):
         if name.startswith("calmline_") and name not in names:
             problems.append(
@@ -417,7 +418,7 @@ def _compare_loaded(features: list[Feature], loaded: dict[str, str], where: str)
                 f"does not enable it; {RELOAD_FIX}"
             )
     notes = [] if problems else [
-        f"Asterisk at {where} has all {len(features)} calmline features loaded with the configured codes"
+        f"Asterisk at {where} has all {len(expected)} calmline features loaded with the configured codes"
     ]
     return problems, notes
 
@@ -436,6 +437,36 @@ def _check_mail(cfg: Config) -> tuple[list[str], list[str]]:
     return problems, ([] if problems else ["mail templates and credentials are usable"])
 
 
+# Descriptors the service holds besides its sessions: the store, the listener, stdio, the mail.
+FD_RESERVE = 64
+
+
+def _check_server_limits(cfg: Config) -> tuple[list[str], list[str]]:
+    """An open bind without an allowlist, and max_sessions against the open-file limit
+    (`calmline serve` raises its soft limit to the hard one, so the hard one counts)."""
+    problems: list[str] = []
+    notes: list[str] = []
+    exposure = cfg.server.exposure_warning()
+    if exposure:
+        problems.append(exposure)
+    try:
+        import resource
+    except ImportError:
+        return problems, notes
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = cfg.server.max_sessions + FD_RESERVE
+    if hard != resource.RLIM_INFINITY and hard < need:
+        problems.append(
+            f"server.max_sessions: {cfg.server.max_sessions} sessions need about {need} open files, "
+            f"but the hard limit here is {hard} (ulimit -Hn); raise it (LimitNOFILE= in the "
+            f"service unit) or lower server.max_sessions to {max(1, hard - FD_RESERVE)}"
+        )
+    else:
+        notes.append(f"server.max_sessions ({cfg.server.max_sessions}) fits the open-file limit "
+                     f"({'unlimited' if hard == resource.RLIM_INFINITY else hard})")
+    return problems, notes
+
+
 def run_checks(cfg: Config, args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """Return (problems, notes) for everything that can be checked from here."""
     problems: list[str] = []
@@ -445,6 +476,7 @@ def run_checks(cfg: Config, args: argparse.Namespace) -> tuple[list[str], list[s
         problems.extend(result[0])
         notes.extend(result[1])
 
+    add(_check_server_limits(cfg))
     add(_check_prompts(cfg))
     add(_check_mail(cfg))
     features_conf = getattr(args, "features_conf", None) or cfg.dialplan.existing_features_conf

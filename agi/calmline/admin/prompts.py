@@ -107,9 +107,7 @@ def _copy(src: Path, target: Path) -> None:
         raise
 
 
-def install(
-    dest: Path, languages: list[str], source: Path = SHIPPED_DIR, force: bool = False
-) -> InstallResult:
+def install(dest: Path, languages: list[str], force: bool = False) -> InstallResult:
     """Copy the shipped prompts into `dest/<lang>/calmline/`, leaving an admin's own recordings.
 
     A destination file that differs, or a same-named prompt in another format, counts as the
@@ -117,13 +115,13 @@ def install(
     """
     languages = list(dict.fromkeys(languages))
     problems = _check_languages(languages)
-    shipped = shipped_prompts(source)
+    shipped = shipped_prompts()
     available = ", ".join(sorted(shipped)) or "none"
     for lang in languages:
         if _LANGUAGE.match(lang) and lang not in shipped:
             problems.append(
                 f"language {lang!r}: calmline ships no prompts for it (shipped: {available}, "
-                f"in {source}); record your own into {dest / lang / SUBDIR} and leave it out "
+                f"in {SHIPPED_DIR}); record your own into {dest / lang / SUBDIR} and leave it out "
                 "of the install"
             )
     if (problem := _writable_problem(dest)) is not None:
@@ -137,7 +135,7 @@ def install(
         try:
             target_dir.mkdir(parents=True, exist_ok=True)
             present = _sounds_in(target_dir)
-            for stem, files in sorted(_sounds_in(source / lang / SUBDIR).items()):
+            for stem, files in sorted(_sounds_in(SHIPPED_DIR / lang / SUBDIR).items()):
                 for src in files:
                     target = target_dir / src.name
                     if target.is_file() and filecmp.cmp(src, target, shallow=False):

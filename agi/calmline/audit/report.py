@@ -23,21 +23,35 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from calmline.actions import catalog
+from calmline.actions.catalog import (
+    CALLER_TRANSFERRED,
+    EXTENSION_KEYED,
+    EXTENSION_REJECTED,
+    LADDER_EXHAUSTED,
+    TRANSFER_RESULT,
+    WARNING_PLAYED,
+)
 from calmline.store import Database
-from calmline.config import TRANSFER_RESULT_PATH
 
 CALLS_SHOWN = 500
 AGENTS_CHARTED = 30
 
+
+def _kind_labels() -> dict[str, str]:
+    """The catalog's escalation kinds in stacking order, a final warning as a kind of its own."""
+    labels: dict[str, str] = {}
+    for spec in catalog.ACTIONS:
+        if spec.escalation is not None:
+            labels.setdefault(spec.escalation.kind, spec.escalation.label)
+            if spec is catalog.WARN:
+                labels["final_warning"] = "final warning"
+    return labels
+
+
 # Escalation kinds, in stacking order, with their labels and colours.
-KINDS = ("warning", "final_warning", "supervisor", "colleague", "end")
-KIND_LABELS = {
-    "warning": "warning",
-    "final_warning": "final warning",
-    "supervisor": "transfer to supervisor",
-    "colleague": "transfer to colleague",
-    "end": "call ended",
-}
+KIND_LABELS = _kind_labels()
+KINDS = tuple(KIND_LABELS)
 KIND_COLOURS = {
     "warning": "#e6c774",
     "final_warning": "#c4862c",
@@ -63,13 +77,7 @@ TRANSFER_LABELS = {"answered": "answered", "fallback": "not answered: fallback",
                    "not_transferred": "caller not moved (failed or rejected)"}
 TRANSFER_COLOURS = {"answered": "#4f83b0", "fallback": "#d1ad6b", "no_result": "#cfcfc7", "not_transferred": "#c46a62"}
 
-_ESCALATION_PATHS = {
-    "warn": "warning",
-    "end": "end",
-    "transfer/supervisor": "supervisor",
-    "transfer/colleague": "colleague",
-    "transfer/colleague-keyed": "colleague",
-}
+_ESCALATION_PATHS = {spec.path: spec.escalation for spec in catalog.ACTIONS if spec.escalation is not None}
 _AGENT_SUFFIX = re.compile(r"(?:-[0-9A-Fa-f]{8})?(?:;\d+)?$")
 # Controls, lone surrogates and bidi overrides: shown as visible escapes, never passed through.
 _UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
@@ -319,27 +327,27 @@ def _step(session: _Session, name: str) -> dict[str, Any] | None:
     return None
 
 
-def _escalation(session: _Session, kind: str) -> Step:
+def _escalation(session: _Session, escalation: catalog.Escalation) -> Step:
     """What this key press was, as a ladder step."""
     outcome = session.outcome or "unfinished"
-    label = {"warning": "warn", "end": "end", "supervisor": "supervisor", "colleague": "colleague"}[kind]
-    if kind == "warning":
-        played = _step(session, "warning_played")
-        if _step(session, "ladder_exhausted") is not None:
+    kind, label = escalation.kind, escalation.ladder
+    if session.action == catalog.WARN.path:
+        played = _step(session, WARNING_PLAYED)
+        if _step(session, LADDER_EXHAUSTED) is not None:
             kind, label = "end", "end (after the last warning)"
         elif played is not None:
             label = f"warn {_str(played.get('warning'))}".strip()
             if played.get("final") is True:
                 kind, label = "final_warning", label + " (final)"
-    elif session.action == "transfer/colleague-keyed":
-        keyed = _step(session, "extension_keyed")
+    elif session.action == catalog.COLLEAGUE_KEYED.path:
+        keyed = _step(session, EXTENSION_KEYED)
         if keyed is not None:
             label = f"colleague {_str(keyed.get('extension'))}"
-        elif _step(session, "extension_rejected") is not None:
+        elif _step(session, EXTENSION_REJECTED) is not None:
             label = "colleague (extension rejected)"
     return Step(kind=kind, label=label, at=session.started, agent=agent_endpoint(session.agent),
                 outcome=outcome, error=session.error,
-                transferred=_step(session, "caller_transferred") is not None)
+                transferred=_step(session, CALLER_TRANSFERRED) is not None)
 
 
 def _transfer_result(step: dict[str, Any]) -> tuple[str, str]:
@@ -369,8 +377,8 @@ def build_report(
     pending: dict[str, list[Step]] = {}  # transfers on a call still waiting for their result
 
     for session in sorted(_sessions(db, since, until), key=lambda s: s.started):
-        kind = _ESCALATION_PATHS.get(session.action)
-        if kind is None and session.action != TRANSFER_RESULT_PATH:
+        escalation = _ESCALATION_PATHS.get(session.action)
+        if escalation is None and session.action != catalog.TRANSFER_RESULT_ACTION.path:
             continue
         key = session.linkedid or session.uniqueid or f"session {session.id}"
         call = calls.get(key)
@@ -381,8 +389,8 @@ def build_report(
         if session.caller_name and not call.caller_name:
             call.caller_name = session.caller_name
 
-        if kind is None:  # a transfer's result, from the transferred caller's hangup handler
-            recorded = _step(session, "transfer_result")
+        if escalation is None:  # a transfer's result, from the transferred caller's hangup handler
+            recorded = _step(session, TRANSFER_RESULT)
             if recorded is None:
                 continue
             result, result_label = _transfer_result(recorded)
@@ -401,7 +409,7 @@ def build_report(
                                        agent="", outcome="completed", result=result, result_label=result_label))
             continue
 
-        step = _escalation(session, kind)
+        step = _escalation(session, escalation)
         call.steps.append(step)
         if step.kind in ("supervisor", "colleague") and step.transferred:
             pending.setdefault(key, []).append(step)

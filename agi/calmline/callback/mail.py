@@ -159,14 +159,17 @@ def _template_problems(key: str, template: str, allowed: tuple[str, ...]) -> lis
     except ValueError as exc:
         return [f"{key}: not a valid template ({exc}); write {{{{ and }}}} for a literal brace"]
     problems = []
-    for _literal, name, spec, _conversion in fields:
+    for _literal, name, spec, conversion in fields:
         if name is None:
             continue
         if name not in allowed:
             shown = "{" + name + "}" if name else "{}"
             problems.append(f"{key}: unknown placeholder {shown}; allowed: {allowed_text}")
-        elif spec and ("{" in spec or "}" in spec):
-            problems.append(f"{key}: placeholder {{{name}}} has a nested placeholder in its format")
+        elif spec or conversion:
+            # `{caller_name:>50000000}` would build 50 MB per mail: placeholders are plain.
+            written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            problems.append(f"{key}: placeholder {written[:60]} has a format spec or conversion; "
+                            f"write it plainly as {{{name}}}")
     if not problems:
         try:
             template.format_map(_values(_SAMPLE, sanitize_line))
@@ -416,21 +419,22 @@ class OutboxWorker:
         items = self.outbox.due(now, limit=1, claim_for=self.claim_seconds)
         return items[0] if items else None
 
-    def _deliver(self, item: OutboxItem, now: float | None = None) -> bool:
-        """Send one claimed message and record the outcome (at `now`, default: the clock)."""
+    def _deliver(self, item: OutboxItem) -> bool:
+        """Send one claimed message and record the outcome."""
         attempt = item.attempts + 1
         try:
             message, recipient = build_message(item, self.cfg)
             reply = send(message, self.cfg, recipients=[recipient])
         except Exception as exc:  # noqa: BLE001 - one bad message must not stop the others
             error = str(exc) if isinstance(exc, (MailError, ConfigError)) else f"{type(exc).__name__}: {exc}"
-            when = self._clock() if now is None else now
+            when = self._clock()
             updated = self.outbox.mark_retry(item, error, when, self.cfg)
             code = getattr(exc, "code", None)
             if updated.status == "failed":
                 log.error(
                     "mail_gave_up",
                     key=item.key,
+                    linkedid=item.request.linkedid,
                     kind=item.kind,
                     attempts=updated.attempts,
                     error=error,
@@ -440,6 +444,7 @@ class OutboxWorker:
                 log.warning(
                     "mail_failed",
                     key=item.key,
+                    linkedid=item.request.linkedid,
                     kind=item.kind,
                     attempt=updated.attempts,
                     error=error,
@@ -448,24 +453,26 @@ class OutboxWorker:
                 )
             return False
         try:
-            self.outbox.mark_sent(item, reply, now=self._clock() if now is None else now)
+            self.outbox.mark_sent(item, reply, self._clock())
         except Exception:
             # The server has it; the row will be sent again after the claim expires. The
             # Message-ID is the same, so the receiving side can drop the duplicate.
-            log.exception("mail_sent_unrecorded", key=item.key, kind=item.kind, smtp_reply=reply)
+            log.exception("mail_sent_unrecorded", key=item.key, linkedid=item.request.linkedid,
+                          kind=item.kind, smtp_reply=reply)
             raise
-        log.info("mail_sent", key=item.key, kind=item.kind, attempt=attempt, smtp_reply=reply)
+        log.info("mail_sent", key=item.key, linkedid=item.request.linkedid, kind=item.kind,
+                 attempt=attempt, smtp_reply=reply)
         return True
 
-    def deliver_due_now(self, now: float | None = None) -> tuple[int, int]:
-        """Send everything due at `now` (default: the clock) synchronously; (sent, failed).
+    def deliver_due_now(self) -> tuple[int, int]:
+        """Send everything due now synchronously; (sent, failed).
 
-        Each message is tried at most once per call: a failure is rescheduled after `now`.
+        Each message is tried at most once per call: a failure is rescheduled after now.
         """
-        when = self._clock() if now is None else now
+        when = self._clock()
         sent = failed = 0
         while (item := self._next(when)) is not None:
-            if self._deliver(item, now):
+            if self._deliver(item):
                 sent += 1
             else:
                 failed += 1
@@ -539,9 +546,9 @@ def _when(epoch: float | None, now: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def outbox_report(outbox: Outbox, *, now: float | None = None) -> str:
+def outbox_report(outbox: Outbox) -> str:
     """A table of pending and failed messages for `calmline outbox`."""
-    now = time.time() if now is None else now
+    now = time.time()
     items = [item for item in outbox.items() if item.status in ("pending", "failed")]
     sent = outbox.counts()["sent"]
     if not items:

@@ -1,5 +1,9 @@
 """The durable outbox of callback requests: written first, mailed later, never lost.
 
+Delivery is at least once: when the SMTP server accepted a message but its answer (or our
+marking the row sent) was lost, the message is sent again, with the same Message-ID, so a
+receiving mail system or reader can tell the copies apart.
+
 When an agent ends an abusive call, the session builds a `CallbackRequest` and calls
 `Outbox.add`. That commits (in the store, beside the audit trail) one row per message to send: the
 team's callback mail, and the caller's follow-up mail when the channel gave a usable address.
@@ -222,7 +226,8 @@ class Outbox:
         with self._tx() as db:
             taken = db.execute("SELECT 1 FROM outbox WHERE key = ? LIMIT 1", (request.key,)).fetchone()
             if taken:
-                log.info("callback_duplicate", key=request.key, uniqueid=request.uniqueid)
+                log.info("callback_duplicate", key=request.key, uniqueid=request.uniqueid,
+                         linkedid=request.linkedid)
                 return False
             rows = [("team", None)]
             if recipient is not None:
@@ -243,7 +248,7 @@ class Outbox:
             messages=[kind for kind, _ in rows],
         )
         if skipped is not None:
-            log.info("caller_mail_skipped", key=request.key, reason=skipped)
+            log.info("caller_mail_skipped", key=request.key, linkedid=request.linkedid, reason=skipped)
         return True
 
     # --- delivery bookkeeping ---
@@ -281,14 +286,13 @@ class Outbox:
             ).fetchone()
         return row[0]
 
-    def mark_sent(self, item: OutboxItem, reply: str, *, now: float | None = None) -> None:
-        """Record that the SMTP server accepted the message, with its reply to DATA."""
-        sent_at = time.time() if now is None else now
+    def mark_sent(self, item: OutboxItem, reply: str, now: float) -> None:
+        """Record that the SMTP server accepted the message at `now`, with its reply to DATA."""
         with self._tx() as db:
             db.execute(
                 "UPDATE outbox SET status = 'sent', attempts = attempts + 1, sent_at = ?, "
                 "smtp_reply = ?, last_error = NULL WHERE id = ?",
-                (sent_at, reply, item.id),
+                (now, reply, item.id),
             )
 
     def mark_retry(self, item: OutboxItem, error: str, now: float, cfg: MailConfig) -> OutboxItem:
@@ -318,39 +322,24 @@ class Outbox:
 
     # --- inspection and admin ---
 
-    def items(self, status: str | None = None) -> list[OutboxItem]:
-        """All messages (or those with `status`), in the order they were queued."""
-        if status is not None and status not in STATUSES:
-            raise ValueError(f"status must be one of {', '.join(STATUSES)} (got {status!r})")
+    def items(self) -> list[OutboxItem]:
+        """All messages, in the order they were queued."""
         with self._lock:
-            db = self._conn()
-            if status is None:
-                rows = db.execute(f"SELECT {_COLUMNS} FROM outbox ORDER BY id").fetchall()
-            else:
-                rows = db.execute(
-                    f"SELECT {_COLUMNS} FROM outbox WHERE status = ? ORDER BY id", (status,)
-                ).fetchall()
+            rows = self._conn().execute(f"SELECT {_COLUMNS} FROM outbox ORDER BY id").fetchall()
         return [_item(row) for row in rows]
 
-    def retry_now(self, keys: list[str] | None = None) -> int:
-        """Make pending and failed messages (all, or those with `keys`) due now.
+    def retry_now(self) -> int:
+        """Make every pending and failed message due now.
 
         Failed ones become pending again and keep their attempt count, so each gets one more
         attempt before it counts as failed again. Returns how many messages were changed.
         """
-        sql = (
-            "UPDATE outbox SET status = 'pending', next_attempt = 0 "
-            "WHERE status IN ('pending', 'failed')"
-        )
-        params: list[str] = []
-        if keys is not None:
-            if not keys:
-                return 0
-            sql += f" AND key IN ({', '.join('?' for _ in keys)})"
-            params = list(keys)
         with self._tx() as db:
-            changed = db.execute(sql, params).rowcount
-        log.info("outbox_retry_now", keys=keys, messages=changed)
+            changed = db.execute(
+                "UPDATE outbox SET status = 'pending', next_attempt = 0 "
+                "WHERE status IN ('pending', 'failed')"
+            ).rowcount
+        log.info("outbox_retry_now", messages=changed)
         return changed
 
     def counts(self) -> dict[str, int]:

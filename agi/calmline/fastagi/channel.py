@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import re
 
-from calmline.errors import ApplicationMissing, CallerHungUp, PromptMissing, UnsafeArgument
+from calmline.errors import (
+    ApplicationMissing,
+    CallerHungUp,
+    MalformedAnswer,
+    PromptMissing,
+    UnsafeArgument,
+)
 from calmline.fastagi.protocol import AGIStream, Answer, check_name, quote
 
 _SNAPSHOT_SEPARATOR = "]|["
@@ -47,11 +53,6 @@ class Channel:
             raise CallerHungUp(f"channel hung up (noticed during {line.split(' ', 1)[0]})")
         return answer
 
-    async def get_variable(self, name: str) -> str | None:
-        """The variable's value, or None when it is unset."""
-        answer = await self._run(f"GET VARIABLE {check_name(name)}")
-        return answer.data if answer.result == 1 else None
-
     async def evaluate(self, expression: str) -> str:
         """Evaluate a dialplan expression such as `${CHANNEL(linkedid)}` on this channel."""
         answer = await self._run(f"GET FULL VARIABLE {quote(expression)}")
@@ -81,14 +82,16 @@ class Channel:
             f"SET VARIABLE EXPORT({channel_argument(other)},{check_name(name)}) {quote(value)}"
         )
 
-    async def stream_file(self, prompt: str, escape_digits: str = "") -> str | None:
-        """Play a prompt to the end; return the escape digit pressed, if any."""
-        answer = await self._run(f"STREAM FILE {quote(prompt)} {quote(escape_digits)}")
+    async def stream_file(self, prompt: str) -> None:
+        """Play a prompt to the end; no digit interrupts it."""
+        answer = await self._run(f'STREAM FILE {quote(prompt)} ""')
         if answer.result == -1:
             if answer.endpos:
                 raise CallerHungUp(f"channel hung up during prompt {prompt!r}")
             raise PromptMissing(prompt)
-        return chr(answer.result) if answer.result else None
+        if answer.result != 0:
+            # No escape digits were offered: any other answer is not one Asterisk gives.
+            raise MalformedAnswer(f"STREAM FILE answered result={answer.text[:20]!r}, which is not one of its escape digits (none were offered)")
 
     async def get_data(self, prompt: str, timeout_ms: int, max_digits: int) -> str | None:
         """Play a prompt and collect digits ending in `#`; None on timeout with nothing keyed."""
@@ -109,13 +112,13 @@ class Channel:
             raise ApplicationMissing(application)
         return answer.result or 0
 
-    async def redirect(self, context: str, exten: str, priority: int = 1, *, other: str | None = None) -> None:
+    async def redirect(self, context: str, exten: str, *, other: str | None = None) -> None:
         """Move this channel (or `other`) out of its bridge to a dialplan location.
 
         Redirecting this channel takes it away from the AGI: later hangup notices are expected.
         """
         target = other if other is not None else self.name
-        await self.exec("ChannelRedirect", f"{channel_argument(target)},{context},{exten},{priority:d}")
+        await self.exec("ChannelRedirect", f"{channel_argument(target)},{context},{exten},1")
         if other is None:
             self._released = True
 

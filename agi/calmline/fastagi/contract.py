@@ -2,12 +2,15 @@
 
 An action is a small object with a `run(context)` coroutine that talks to a `Channel`
 and records its steps; it knows nothing of sockets, so it can be tested with a fake channel.
-`build_registry()` wires the enabled actions from config explicitly: no import side effects,
-no module globals.
+The registry holds each action with what the session needs before running it (the leg it
+runs on, the variables to read); `service.build_registry()` fills it from the action catalog:
+no import side effects, no module globals.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -15,6 +18,18 @@ from calmline.audit.trail import AuditTrail
 from calmline.fastagi.channel import Channel
 
 RunsOn = Literal["caller", "agent"]
+_COUNT = re.compile(r"[0-9]{1,6}")
+
+
+def parse_count(raw: str) -> int | None:
+    """A count kept in a channel variable (the warnings so far), or None if it is not one.
+
+    The variable lives on the caller's channel, where anything may have written it: only 1-6
+    ASCII digits count (`str.isdigit` also accepts `²`, which `int` refuses, and `int`
+    refuses more than 4,300 digits).
+    """
+    return int(raw) if _COUNT.fullmatch(raw) else None
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +40,6 @@ class CallIdentity:
     channel: str
     caller_number: str
     caller_name: str
-    language: str = "en"
     linkedid: str = ""
     agent_channel: str = ""
     caller_channel: str = ""
@@ -38,14 +52,13 @@ class CallIdentity:
             channel=env.get("agi_channel", ""),
             caller_number=env.get("agi_callerid", ""),
             caller_name="" if name == "unknown" else name,
-            language=env.get("agi_language", "en") or "en",
         )
 
     def with_bridge(self, linkedid: str, bridge_peer: str, runs_on: RunsOn) -> CallIdentity:
         """Fill in the call's linkedid and which leg is the agent's, from BRIDGEPEER."""
         agent, caller = (bridge_peer, self.channel) if runs_on == "caller" else (self.channel, bridge_peer)
         return CallIdentity(self.uniqueid, self.channel, self.caller_number, self.caller_name,
-                            self.language, linkedid, agent, caller)
+                            linkedid, agent, caller)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,27 +73,39 @@ class ActionContext:
 
 
 class Action(Protocol):
-    """A keypad action. `reads` are variables fetched with the call's identity in one trip."""
-
-    runs_on: RunsOn
-    reads: tuple[str, ...]
+    """A keypad action: runs on the channel of the session, returns its outcome."""
 
     async def run(self, context: ActionContext) -> str: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """An action as a session runs it: on which leg, with which variables fetched first (in
+    one trip, with the call's identity), and whether its channel is already hung up."""
+
+    action: Action
+    runs_on: RunsOn
+    reads: tuple[str, ...] = ()
+    dead_ok: bool = False
+
+    def run(self, context: ActionContext) -> Awaitable[str]:
+        return self.action.run(context)
+
+
 class Registry:
-    """Maps request paths (`warn`, `transfer/supervisor`) to actions."""
+    """Maps request paths (`warn`, `transfer/supervisor`) to routes."""
 
     def __init__(self) -> None:
-        self._actions: dict[str, Action] = {}
+        self._routes: dict[str, Route] = {}
 
-    def add(self, path: str, action: Action) -> None:
-        if path in self._actions:
+    def add(self, path: str, action: Action, *, runs_on: RunsOn, reads: tuple[str, ...] = (),
+            dead_ok: bool = False) -> None:
+        if path in self._routes:
             raise ValueError(f"two actions registered at path {path!r}")
-        self._actions[path] = action
+        self._routes[path] = Route(action, runs_on, reads, dead_ok)
 
-    def resolve(self, path: str) -> Action | None:
-        return self._actions.get(path)
+    def resolve(self, path: str) -> Route | None:
+        return self._routes.get(path)
 
     def paths(self) -> list[str]:
-        return sorted(self._actions)
+        return sorted(self._routes)

@@ -2,8 +2,10 @@
 
 It knows the framing Asterisk 22 really uses (see ../shared/asterisk/README.md): the
 environment block, `200 result=N (data) endpos=N` answers, the bare `HANGUP` notice that
-arrives in front of the next answer, the multi-line 520 usage block, and 510/511.
-Everything above this module sees typed answers and typed errors, never bytes.
+arrives in front of the next answer, GOSUB's `100 result=0 Trying...` before its answer, the
+multi-line 520 usage block, and 510/511. Each line is judged by `parse_answer`, a pure
+function; everything above this module sees typed answers and typed errors, never bytes, and
+nothing a peer sends raises anything but a `CalmlineError`.
 """
 
 from __future__ import annotations
@@ -12,46 +14,105 @@ import asyncio
 import functools
 import re
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from calmline.errors import (
     AGICommandError,
     ConnectionLost,
     DeadChannel,
     InvalidCommand,
-    ProtocolError,
+    LineTooLong,
+    MalformedAnswer,
+    PeerSilent,
+    TruncatedInput,
     UnsafeArgument,
     UsageError,
 )
 
+# `200 result=R[ (DATA)][ endpos=N][ NOTE]`. The numbers are ASCII digits of a bounded
+# length (Python refuses to convert more than 4,300 digits, and `\d` would take any script's
+# digits); the NOTE is free text that Asterisk adds to some answers (`Gosub complete`).
 _ANSWER = re.compile(
-    r"^200 result=(?P<result>\S*)(?: \((?P<data>.*)\))?(?: endpos=(?P<endpos>-?\d+))?$"
+    r"200 result=(?P<result>[^\s()]{0,64})(?: \((?P<data>.*)\))?"
+    r"(?: endpos=(?P<endpos>-?[0-9]{1,19}))?(?: (?!endpos)(?P<note>[A-Za-z][^\n]*))?"
 )
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
+_CODE = re.compile(r"[1-5][0-9][0-9]")
 # Every line of the block, in one pass in C: `agi_key: value` (the space is optional).
 _ENV_LINES = re.compile(r"^(agi_[a-z0-9_]+): ?([^\n]*)\n", re.MULTILINE)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*(\([A-Za-z0-9_,.-]*\))?$")
 _MAX_ENV_LINES = 200
 _READ_CHUNK = 4096  # bytes per socket read: Asterisk's lines and environment blocks are small
+_USAGE_BLOCK_LINES = 1000
 
 
 class Answer(NamedTuple):
-    """A `200` answer: `result`, the optional `(data)` and the optional `endpos`.
+    """A `200` answer: `result`, the optional `(data)`, `endpos` and trailing note.
 
     `text` is the result as sent: GET DATA answers with keyed digits (`0123`, `*1`, or
     nothing), which are not a number; `result` is its integer value where it is one.
+    `note` is the free text some answers end with (a GOSUB's `Gosub complete`).
     (A named tuple: one is built per command, and it costs half a frozen dataclass.)
     """
 
     text: str
     data: str | None = None
     endpos: int | None = None
+    note: str | None = None
 
     @property
     def result(self) -> int | None:
-        try:
-            return int(self.text)
-        except ValueError:
-            return None
+        text = self.text
+        return int(text) if _INTEGER.fullmatch(text) is not None else None
+
+
+class Notice(NamedTuple):
+    """A line that comes before a command's answer: `hangup` (the channel hung up) or
+    `trying` (a GOSUB has started; its `200` follows when the routine returns)."""
+
+    kind: Literal["hangup", "trying"]
+
+
+HANGUP = Notice("hangup")
+TRYING = Notice("trying")
+
+
+def _verb(command: str) -> str:
+    return command.split(" ", 1)[0]
+
+
+def parse_answer(line: str, command: str = "command") -> Answer | Notice:
+    """One line Asterisk sent in answer to `command`, without its newline.
+
+    Returns the `200` answer, or a `Notice` after which the real answer is still to come.
+    Raises the typed error for every other code (a `UsageError` with `block` set when a
+    multi-line 520 block follows), and `MalformedAnswer` for anything Asterisk never sends.
+    Pure: no socket, so every line a peer could send can be tried without one.
+    """
+    if line.startswith("200 "):
+        match = _ANSWER.fullmatch(line)
+        if match is None:
+            raise MalformedAnswer(f"malformed answer to {_verb(command)}: {line[:80]!r}")
+        result, data, endpos, note = match.groups()
+        return Answer(result, data, int(endpos) if endpos is not None else None, note)
+    if line == "HANGUP":
+        return HANGUP
+    if line.startswith("100 result="):
+        return TRYING
+    if line.startswith("520-"):
+        raise UsageError(command, 520, "invalid command syntax", block=True)
+    code, _, text = line.partition(" ")
+    if not _CODE.fullmatch(code):
+        raise MalformedAnswer(f"unexpected answer to {_verb(command)}: {line[:80]!r}")
+    if code == "510":
+        raise InvalidCommand(command, 510, text)
+    if code == "511":
+        raise DeadChannel(command, 511, text)
+    if code == "520":
+        raise UsageError(command, 520, text)
+    if code[0] in "12":
+        raise MalformedAnswer(f"unexpected answer to {_verb(command)}: {line[:80]!r}")
+    raise AGICommandError(command, int(code), text)
 
 
 def quote(value: str) -> str:
@@ -81,7 +142,7 @@ class AGIStream(asyncio.BufferedProtocol):
     wire is small, strictly request/answer, and this is the service's hot path).
     It is a buffered protocol because asyncio reads a plain protocol's socket with
     `recv(256 KiB)`: glibc may serve each such read with mmap, mremap and munmap, depending
-    on how the process's heap happens to lie, at 11 µs a read (bench/README.md, sixth pass).
+    on how the process's heap happens to lie (bench/README.md).
     `hangup_noticed` turns true when Asterisk says `HANGUP`; the caller's channel is gone
     for the script from then on, although commands that work on dead channels still answer.
     """
@@ -176,12 +237,12 @@ class AGIStream(asyncio.BufferedProtocol):
                 del buffer[:end]
                 return data
             if len(buffer) > self._max_line:
-                raise ProtocolError(f"{what} longer than the {self._max_line}-byte limit")
+                raise LineTooLong(f"{what} longer than the {self._max_line}-byte limit")
             if self._broken:
-                raise ProtocolError(self._broken)
+                raise PeerSilent(self._broken)
             if self._eof:
                 if buffer:
-                    raise ProtocolError(f"truncated {what}: {bytes(buffer[:80])!r}")
+                    raise TruncatedInput(f"truncated {what}: {bytes(buffer[:80])!r}")
                 raise ConnectionLost("Asterisk closed the connection")
             await self._more()
 
@@ -191,7 +252,7 @@ class AGIStream(asyncio.BufferedProtocol):
         try:
             while not self._buffer:
                 if self._broken:
-                    raise ProtocolError(f"{self._broken} (0 lines received)")
+                    raise PeerSilent(f"{self._broken} (0 lines received)")
                 if self._eof:
                     raise ConnectionLost("Asterisk closed the connection")
                 await self._more()
@@ -199,28 +260,27 @@ class AGIStream(asyncio.BufferedProtocol):
             first = self._buffer[:1]
             if first != b"a":
                 what = "an empty environment block" if first == b"\n" else f"{bytes(first)!r}"
-                raise ProtocolError(f"not a FastAGI environment block: starts with {what}")
+                raise MalformedAnswer(f"not a FastAGI environment block: starts with {what}")
             try:
                 raw = await self._read_until(b"\n\n", "environment block")
-            except ProtocolError as exc:
+            except PeerSilent:
                 lines = self._buffer.count(b"\n")
-                if self._broken:
-                    raise ProtocolError(f"{self._broken} ({lines} lines received)") from None
-                if "truncated" in str(exc):
-                    raise ProtocolError(f"environment block cut off after {lines} lines") from None
-                raise
+                raise PeerSilent(f"{self._broken} ({lines} lines received)") from None
+            except TruncatedInput:
+                lines = self._buffer.count(b"\n")
+                raise TruncatedInput(f"environment block cut off after {lines} lines") from None
         finally:
             self._deadline = 0.0
         text = raw[:-1].decode("utf-8", "replace")
         pairs = _ENV_LINES.findall(text)
         if len(pairs) != text.count("\n"):
             bad = next(line for line in text.split("\n") if not _ENV_LINES.fullmatch(line + "\n"))
-            raise ProtocolError(f"malformed environment line: {bad[:80]!r}")
+            raise MalformedAnswer(f"malformed environment line: {bad[:80]!r}")
         if len(pairs) > _MAX_ENV_LINES:
-            raise ProtocolError("environment block has too many lines")
+            raise MalformedAnswer("environment block has too many lines")
         env = dict(pairs)
         if "agi_network_script" not in env and "agi_request" not in env:
-            raise ProtocolError("environment block names no request (agi_network_script)")
+            raise MalformedAnswer("environment block names no request (agi_network_script)")
         return env
 
     async def _readline(self) -> str:
@@ -235,7 +295,7 @@ class AGIStream(asyncio.BufferedProtocol):
             raise UnsafeArgument(f"refusing to send a command with a line break: {line[:40]!r}")
         if self._broken:
             # A late answer may still arrive; it must not be read as this command's answer.
-            raise ProtocolError(f"not sending {line.split(' ', 1)[0]}: {self._broken}")
+            raise PeerSilent(f"not sending {line.split(' ', 1)[0]}: {self._broken}")
         transport = self._transport
         if transport is None or transport.is_closing():
             raise ConnectionLost("connection already closed")
@@ -280,35 +340,32 @@ class AGIStream(asyncio.BufferedProtocol):
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
 
     async def _read_answer(self, command: str) -> Answer:
-        line = await self._readline()
-        if line == "HANGUP":
-            self.hangup_noticed = True
+        """Read lines until `command`'s answer: at most one HANGUP and one `100 Trying` first."""
+        seen: tuple[Notice, ...] = ()
+        while True:
             line = await self._readline()
-        if line.startswith("200"):
-            match = _ANSWER.match(line)
-            if match is None:
-                raise ProtocolError(f"malformed answer to {command.split(' ', 1)[0]}: {line[:80]!r}")
-            result, data, endpos = match.groups()
-            return Answer(result, data, int(endpos) if endpos is not None else None)
-        if line.startswith("520-"):
-            await self._skip_usage_block()
-            raise UsageError(command, 520, "invalid command syntax")
-        code, _, text = line.partition(" ")
-        if code == "510":
-            raise InvalidCommand(command, 510, text)
-        if code == "511":
-            raise DeadChannel(command, 511, text)
-        if code == "520":
-            raise UsageError(command, 520, text)
-        if code.isdigit():
-            raise AGICommandError(command, int(code), text)
-        raise ProtocolError(f"unexpected answer to {command.split(' ', 1)[0]}: {line[:80]!r}")
+            try:
+                parsed = parse_answer(line, command)
+            except UsageError as exc:
+                if exc.block:
+                    await self._skip_usage_block()
+                raise
+            if type(parsed) is Answer:
+                return parsed
+            if parsed in seen:
+                raise MalformedAnswer(f"{line[:20]!r} twice before the answer to {command.split(' ', 1)[0]}")
+            seen += (parsed,)
+            if parsed == HANGUP:
+                self.hangup_noticed = True
+            else:
+                # A GOSUB runs dialplan for as long as the routine takes; its answer comes after.
+                self._arm(self._answer_timeout, command)
 
     async def _skip_usage_block(self) -> None:
-        for _ in range(1000):
+        for _ in range(_USAGE_BLOCK_LINES):
             if (await self._readline()).startswith("520 "):
                 return
-        raise ProtocolError("520 usage block never ended")
+        raise MalformedAnswer("520 usage block never ended")
 
     def abort(self) -> None:
         """Drop the connection without a word (refused clients)."""

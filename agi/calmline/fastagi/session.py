@@ -7,6 +7,7 @@ is bound to the log context here, once, so every event below carries it.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import time
@@ -19,10 +20,13 @@ from calmline.audit import trail as audit
 from calmline.audit.trail import AuditTrail
 from calmline.fastagi.channel import Channel
 from calmline.config import Config
-from calmline.errors import CalmlineError, ConnectionLost, Refused
+from calmline.errors import CalmlineError, ConnectionLost, MalformedAnswer, Refused
 from calmline.fastagi.protocol import AGIStream
 
 STATUS_VARIABLE = "CALMLINE_STATUS"
+CANCELLED = "cancelled"
+# How long a session cancelled by a stopping service waits for Asterisk to take its status.
+FINISH_TIMEOUT = 2.0
 _session_ids = itertools.count(1)
 # Unique across restarts too (a service restarted as PID 1 in a container reuses its PID).
 _PROCESS = os.urandom(3).hex()
@@ -39,7 +43,10 @@ class Request:
     def from_environment(cls, env: dict[str, str]) -> Request:
         script = env.get("agi_network_script")
         if script is None:
-            parts = urlsplit(env.get("agi_request", ""))
+            try:
+                parts = urlsplit(env.get("agi_request", ""))
+            except ValueError as exc:  # e.g. an unclosed "[" where an IPv6 host would be
+                raise MalformedAnswer(f"agi_request is not a URL ({exc})") from None
             script = parts.path + ("?" + parts.query if parts.query else "")
         path, _, query = script.partition("?")
         params = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
@@ -65,25 +72,35 @@ class Session:
         self._peer = peer
 
     async def run(self) -> str:
-        """Serve the session; return its outcome. Never raises for anything Asterisk sends."""
+        """Serve the session; return its outcome. Never raises for anything Asterisk sends.
+
+        Whatever happens, the socket is closed and its timer disarmed when this returns; a
+        cancelled session (the service stopping) still records its end and tells Asterisk
+        `failed`, then lets the cancellation through.
+        """
         started = time.perf_counter()
         audit.clear()
         audit.bind(
             session=f"{_PROCESS}-{next(_session_ids)}", peer=self._peer
         )
         try:
+            return await self._serve(started)
+        finally:
+            await self._stream.close()
+            audit.clear()
+
+    async def _serve(self, started: float) -> str:
+        try:
             env = await self._stream.read_environment(self._config.server.environment_timeout)
+            request = Request.from_environment(env)
         except ConnectionLost:
             # Nothing was asked (a port probe such as `calmline check`): not a problem.
             self._audit.event("connection_closed_before_request")
-            await self._stream.close()
             return "no_request"
         except CalmlineError as exc:
             self._audit.problem("session_rejected", outcome=exc.outcome, error=str(exc))
-            await self._stream.close()
             return exc.outcome
 
-        request = Request.from_environment(env)
         call = CallIdentity.from_environment(env)
         audit.bind(
             action=request.path,
@@ -95,6 +112,7 @@ class Session:
         action = self._registry.resolve(request.path)
         channel = Channel(self._stream, call.channel, dead_ok=getattr(action, "dead_ok", False))
         outcome, status, error = "completed", "ok", None
+        cancelled: asyncio.CancelledError | None = None
         try:
             if action is None:
                 raise Refused(
@@ -117,15 +135,24 @@ class Session:
             outcome = await action.run(context) or "completed"
         except CalmlineError as exc:
             outcome, status, error = exc.outcome, exc.status, str(exc)
+        except asyncio.CancelledError as exc:
+            # The service is stopping and its grace ran out: the session did not go fine.
+            cancelled = exc
+            outcome, status, error = CANCELLED, "failed", "the service stopped before the session finished"
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # so that the bounded finish below can use its own timeout
         except Exception as exc:  # the boundary: a bug must not take the service down
             outcome, status, error = "internal_error", "failed", f"{type(exc).__name__}: {exc}"
             self._audit.problem("internal_error", exc_info=True)
-        finally:
-            await self._finish(channel, outcome, status, error, started)
+        await self._finish(channel, outcome, status, error, started, cancelled is not None)
+        if cancelled is not None:
+            raise cancelled
         return outcome
 
     async def _finish(
-        self, channel: Channel, outcome: str, status: str, error: str | None, started: float
+        self, channel: Channel, outcome: str, status: str, error: str | None, started: float,
+        cancelled: bool = False,
     ) -> None:
         fields: dict[str, Any] = {
             "outcome": outcome,
@@ -137,14 +164,14 @@ class Session:
             self._audit.problem("session_end", **fields)
         else:
             self._audit.event("session_end", **fields)
-        if error and channel.alive:
-            try:
-                await channel.verbose(f"calmline: {outcome}: {' '.join(error.split())}", 1)
-            except (CalmlineError, OSError):
-                pass  # the status below still matters more than the console line
         try:
-            await channel.set_status(STATUS_VARIABLE, status)
-        except (CalmlineError, OSError):
+            # A stopping service tells Asterisk the status, but waits no longer than it must.
+            async with asyncio.timeout(FINISH_TIMEOUT if cancelled else None):
+                if error and channel.alive and not cancelled:
+                    try:
+                        await channel.verbose(f"calmline: {outcome}: {' '.join(error.split())}", 1)
+                    except (CalmlineError, OSError):
+                        pass  # the status below still matters more than the console line
+                await channel.set_status(STATUS_VARIABLE, status)
+        except (CalmlineError, OSError, TimeoutError):
             pass  # the socket or channel is already gone; the outcome above says why
-        await self._stream.close()
-        audit.clear()
