@@ -141,3 +141,39 @@ def test_a_store_that_refuses_does_not_hold_the_caller(serving, tmp_path):
     assert channel.variables["CALMLINE_WARNINGS"] == "1"
     assert [s["step"] for s in svc.events(event="step")] == ["warning_played"]
     assert svc.events(event="step_not_yet_durable")[0]["step"] == "warning_played"
+
+
+def test_the_counter_moves_only_after_the_warning_is_durable(serving):
+    """A service killed between the two must never leave Asterisk counting a warning the trail
+    lacks: when SET VARIABLE CALMLINE_WARNINGS reaches Asterisk, the step is already committed.
+    The store is held locked past the prompt, so a counter sent before the commit is caught."""
+    seen_at_counter: list[list[str]] = []
+
+    class Watching(type(bridged_caller())):
+        def answer(self, line):
+            if line.startswith("SET VARIABLE CALMLINE_WARNINGS"):
+                reader = sqlite3.connect(db_path)
+                try:
+                    seen_at_counter.append([s for (s,) in reader.execute(
+                        "SELECT step FROM events WHERE event = 'step'")])
+                finally:
+                    reader.close()
+            return super().answer(line)
+
+    async def main():
+        nonlocal db_path
+        async with serving(audit={"commit_timeout": 5.0}) as svc:
+            db_path = svc.svc.store.db.path
+            blocker = sqlite3.connect(db_path, isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")
+            asyncio.get_running_loop().call_later(0.5, blocker.execute, "ROLLBACK")
+            channel = bridged_caller()
+            channel.__class__ = Watching
+            await asyncio.wait_for(run_session(svc.port, channel), 10)
+            blocker.close()
+            return channel
+
+    db_path = None
+    channel = run(main())
+    assert channel.variables["CALMLINE_WARNINGS"] == "1"
+    assert seen_at_counter == [["warning_played"]]
