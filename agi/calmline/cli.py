@@ -1,4 +1,4 @@
-"""The `calmline` command: serve, check, dialplan, prompts, outbox, audit, report.
+"""The `calmline` command: serve, check, dialplan, prompts, outbox, audit, report, install-unit.
 
 Exit statuses follow click's convention: 0 success, 1 a check or operation failed,
 2 a usage or configuration error (with one line per problem, naming the key and the fix).
@@ -237,6 +237,29 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         return EXIT_FAILED if args.retry_now and failed else EXIT_OK
 
 
+def cmd_install_unit(args: argparse.Namespace) -> int:
+    """Write calmline.service for this installation; say what would stop it from starting."""
+    from calmline.admin import unit
+
+    exec_start = args.exec_start or unit.this_calmline()
+    config = args.config.absolute() if args.config else unit.DEFAULT_CONFIG
+    text = unit.render(exec_start=exec_start, config=config, user=args.user)
+    if str(args.output_dir) == "-":
+        print(text, end="")
+        return EXIT_OK
+    try:
+        path = unit.write(text, args.output_dir)
+    except OSError as exc:
+        print(f"calmline: cannot write to {args.output_dir} (--output-dir): {exc.strerror or exc}; "
+              "run it as root, or pass --output-dir - to print the unit", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"wrote {path}")
+    for warning in unit.warnings(exec_start, config, args.user):
+        print(f"calmline: note: {warning}", file=sys.stderr)
+    print("next: systemctl daemon-reload && systemctl enable --now calmline")
+    return EXIT_OK
+
+
 def _positive_days(text: str) -> int:
     try:
         days = int(text)
@@ -304,6 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     ob = sub.add_parser("outbox", help="list callback mails pending or failed; --retry-now sends them now")
     ob.add_argument("--retry-now", action="store_true", help="send pending and failed messages now")
     ob.set_defaults(func=cmd_outbox)
+
+    iu = sub.add_parser("install-unit", help="write the systemd unit that runs `calmline serve` "
+                                "with -c's config (default /etc/calmline/calmline.toml)")
+    iu.add_argument("--output-dir", type=Path, default=Path("/etc/systemd/system"),
+                    help="where to write calmline.service (default /etc/systemd/system); '-' prints it")
+    iu.add_argument("--user", default="calmline", help="the unprivileged user it runs as (default calmline)")
+    iu.add_argument("--exec-start", default=None,
+                    help="the command that runs calmline (default: this installation's)")
+    iu.set_defaults(func=cmd_install_unit)
 
     audit = sub.add_parser("audit", help="print audit events as JSON lines")
     audit.add_argument("--linkedid", metavar="ID", help="only this call")
