@@ -49,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             runner = uvloop.run
         except ImportError:
             pass
-    runner(serve(cfg, source))
+    runner(serve(cfg, source, load=lambda: _load(args)))
     return EXIT_OK
 
 

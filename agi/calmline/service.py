@@ -10,6 +10,7 @@ import asyncio
 import gc
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -24,6 +25,7 @@ from calmline.callback.mail import OutboxWorker
 from calmline.callback.outbox import Outbox
 from calmline.fastagi.server import FastAGIServer
 from calmline.lines import LineSink
+from calmline import reload as reloading
 
 
 def build_registry(config: Config, outbox: Outbox | None = None, worker: OutboxWorker | None = None) -> Registry:
@@ -59,6 +61,50 @@ class Service:
         if self.worker is not None:
             self._worker_task = asyncio.create_task(self.worker.run(), name="calmline-mail")
         return self.address
+
+    def reload(self, load: Callable[[], tuple[Config, str]]) -> bool:
+        """Swap in the config `load` returns for new sessions, or keep the running one.
+
+        A refusal prints the same one-line problems as `calmline check` on stderr, names
+        any key that needs a restart, and is audited; so is a reload, with the fingerprint.
+        """
+        old = self.config
+        try:
+            new, source = load()
+            problems = reloading.refusals(old, new, source, has_outbox=self.outbox is not None)
+        except ConfigError as exc:
+            new, problems = None, exc.problems
+        if not problems:
+            try:
+                registry = build_registry(new, self.outbox, self.worker)
+            except ConfigError as exc:
+                problems = exc.problems
+        running = reloading.fingerprint(old)
+        if problems:
+            for problem in problems:
+                sys.stderr.write(f"calmline: {problem}\n")
+            sys.stderr.write(f"calmline: reload refused; still serving config {running}\n")
+            sys.stderr.flush()
+            self.audit.problem("config_reload_refused", problems=problems, fingerprint=running)
+            return False
+        self.server.swap(new, registry)
+        if self.worker is not None:
+            self.worker.cfg = new.mail
+        self.config = new
+        self.audit.event(
+            "config_reloaded", config=source, fingerprint=reloading.fingerprint(new),
+            previous_fingerprint=running, changed=reloading.changed_keys(old, new),
+        )
+        self.warn_if_exposed()
+        return True
+
+    def warn_if_exposed(self) -> None:
+        """Say on stderr and in the trail when any host may connect (a wildcard bind with an
+        empty `server.allow`): at start, and after a reload that emptied the allowlist."""
+        exposure = self.config.server.exposure_warning()
+        if exposure:
+            self.audit.problem("open_to_the_network", warning=exposure)
+            sys.stderr.write(f"calmline: WARNING: {exposure}\n")
 
     async def stop(self, grace: float = 30.0) -> None:
         await self.server.close(grace)
@@ -179,8 +225,12 @@ def guard_stderr() -> LineSink | None:
     return sink
 
 
-async def serve(config: Config, source: str) -> None:
-    """Run until SIGINT or SIGTERM, then drain sessions and flush the audit trail."""
+async def serve(config: Config, source: str, load: Callable[[], tuple[Config, str]] | None = None) -> None:
+    """Run until SIGINT or SIGTERM, then drain sessions and flush the audit trail.
+
+    SIGHUP calls `load` again (the CLI's, which re-applies its overrides) and swaps the
+    config in for new sessions (`Service.reload`).
+    """
     stderr = guard_stderr()
     soft, _hard = raise_fd_limit()
     service = build(config)
@@ -189,19 +239,20 @@ async def serve(config: Config, source: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if load is not None:
+        loop.add_signal_handler(signal.SIGHUP, service.reload, load)
     host, port = await service.start()
     tune_gc()
-    service.audit.event("service_started", config=source, host=host, port=port, fd_limit=soft)
-    exposure = config.server.exposure_warning()
-    if exposure:
-        service.audit.problem("open_to_the_network", warning=exposure)
-        sys.stderr.write(f"calmline: WARNING: {exposure}\n")
+    # A SIGHUP taken before this line has already swapped `service.config` in.
+    service.audit.event("service_started", config=source, host=host, port=port, fd_limit=soft,
+                        fingerprint=reloading.fingerprint(service.config))
+    service.warn_if_exposed()
     if stderr is not None:
         # A stalled reader is retried now and then; lines wait in the sink meanwhile.
         loop.call_later(1.0, _flush_every_second, loop, stderr)
     await stop.wait()
     service.audit.event("service_stopping")
-    await service.stop(config.server.shutdown_grace)
+    await service.stop(service.config.server.shutdown_grace)
     if stderr is not None:
         stderr.finish(timeout=1.0)
 

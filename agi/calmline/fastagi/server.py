@@ -102,6 +102,13 @@ class FastAGIServer:
     def active_sessions(self) -> int:
         return len(self._sessions)
 
+    def swap(self, config: Config, registry: Registry) -> None:
+        """Serve new sessions with `config`; running sessions keep what they started with."""
+        self._config = config
+        self._registry = registry
+        self._allowed = config.server.allowed_networks()
+        self._per_peer_limit = config.server.max_sessions_per_peer
+
     async def start(self) -> tuple[str, int]:
         """Bind and listen; return the address actually bound (port 0 picks a free one)."""
         cfg = self._config.server
