@@ -350,6 +350,14 @@ class PromptsConfig(Section):
     )
 
 
+class MetricsConfig(Section):
+    """Prometheus metrics at http://host:port/metrics; off unless asked for, loopback when on."""
+
+    enabled: StrictBool = False
+    host: str = "127.0.0.1"
+    port: StrictInt = Field(9573, ge=0, le=65535, description="0 picks a free port (for tests)")
+
+
 # Keys earlier versions had, and what replaced them.
 _MOVED = {
     ("audit", "database"): "store.url (one store for the audit trail and the outbox, e.g. "
@@ -369,6 +377,7 @@ class Config(Section):
     mail: MailConfig = MailConfig()
     dialplan: DialplanConfig = DialplanConfig()
     prompts: PromptsConfig = PromptsConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="before")
     @classmethod

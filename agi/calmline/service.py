@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from calmline.fastagi.contract import Registry
 from calmline.actions import catalog
@@ -26,6 +26,9 @@ from calmline.callback.outbox import Outbox
 from calmline.fastagi.server import FastAGIServer
 from calmline.lines import LineSink
 from calmline import reload as reloading
+
+if TYPE_CHECKING:
+    from calmline.metrics import Metrics
 
 
 def build_registry(config: Config, outbox: Outbox | None = None, worker: OutboxWorker | None = None) -> Registry:
@@ -47,10 +50,16 @@ class Service:
     outbox: Outbox | None = None
     worker: OutboxWorker | None = None
     address: tuple[str, int] | None = None
+    metrics: Metrics | None = None
+    metrics_address: tuple[str, int] | None = None
     _worker_task: asyncio.Task | None = None
 
     async def start(self) -> tuple[str, int]:
         cfg = self.config.server
+        if self.metrics is not None:
+            self.metrics_address = self.metrics.serve(self.config.metrics)
+            host, port = self.metrics_address
+            self.audit.event("metrics_listening", host=host, port=port, path="/metrics")
         try:
             self.address = await self.server.start()
         except OSError as exc:
@@ -86,11 +95,16 @@ class Service:
             sys.stderr.write(f"calmline: reload refused; still serving config {running}\n")
             sys.stderr.flush()
             self.audit.problem("config_reload_refused", problems=problems, fingerprint=running)
+            if self.metrics is not None:
+                self.metrics.reloaded(False)
             return False
         self.server.swap(new, registry)
         if self.worker is not None:
             self.worker.cfg = new.mail
         self.config = new
+        if self.metrics is not None:
+            self.metrics.config_in_use(reloading.fingerprint(new), registry.paths())
+            self.metrics.reloaded(True)
         self.audit.event(
             "config_reloaded", config=source, fingerprint=reloading.fingerprint(new),
             previous_fingerprint=running, changed=reloading.changed_keys(old, new),
@@ -114,6 +128,8 @@ class Service:
         if self.outbox is not None:
             self.outbox.close()
         self.store.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def build(config: Config, *, stdout: TextIO | None = sys.stdout) -> Service:
@@ -135,8 +151,22 @@ def build(config: Config, *, stdout: TextIO | None = sys.stdout) -> Service:
             raise StoreError(f"store.url: cannot open the outbox in {db.where}: {reason(exc)}") from None
         if config.mail.enabled:
             worker = OutboxWorker(outbox, config.mail)
-    server = FastAGIServer(config, build_registry(config, outbox, worker), audit)
-    return Service(config, store, audit, server, outbox, worker)
+    registry = build_registry(config, outbox, worker)
+    server = FastAGIServer(config, registry, audit)
+    metrics = None
+    if config.metrics.enabled:
+        from calmline.metrics import Metrics  # prometheus_client only when asked for
+
+        metrics = Metrics(registry.paths())
+        metrics.config_in_use(reloading.fingerprint(config), registry.paths())
+        metrics.in_flight.set_function(lambda: server.active_sessions)
+        server.on_session_end = metrics.session_ended
+        server.on_refused = metrics.connection_refused
+        store.on_commit = metrics.committed
+        store.on_error = metrics.store_failed
+        if outbox is not None:
+            metrics.watch_outbox(db)
+    return Service(config, store, audit, server, outbox, worker, metrics=metrics)
 
 
 def tune_gc() -> None:

@@ -18,6 +18,7 @@ import ipaddress
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 from calmline.audit.trail import AuditTrail
 from calmline.config import Config
@@ -97,6 +98,10 @@ class FastAGIServer:
         self._pauses = 0
         self._resume: asyncio.TimerHandle | None = None
         self._stopped: asyncio.Event | None = None
+        # Observers (metrics): a session's action path (None if it named none) and outcome;
+        # a refusal's reason. Their values come from config and code, never from a peer.
+        self.on_session_end: Callable[[str | None, str], None] | None = None
+        self.on_refused: Callable[[str], None] | None = None
 
     @property
     def active_sessions(self) -> int:
@@ -198,8 +203,10 @@ class FastAGIServer:
                      "server.max_sessions; `calmline check` compares the two",
             )
 
-    def _refuse(self, conn: socket.socket, peer: str, reason: str) -> None:
+    def _refuse(self, conn: socket.socket, peer: str, reason: str, kind: str) -> None:
         self._audit.problem("connection_refused", peer=peer, reason=reason)
+        if self.on_refused is not None:
+            self.on_refused(kind)
         try:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
         except OSError:
@@ -220,32 +227,38 @@ class FastAGIServer:
         peer = f"{host}:{address[1]}"
         cfg = self._config.server
         if not self._allowed_peer(host):
-            self._refuse(conn, peer, "address not in server.allow")
+            self._refuse(conn, peer, "address not in server.allow", "not_allowed")
             return
         if len(self._sessions) >= cfg.max_sessions:
-            self._refuse(conn, peer, f"server.max_sessions ({cfg.max_sessions}) reached")
+            self._refuse(conn, peer, f"server.max_sessions ({cfg.max_sessions}) reached", "max_sessions")
             return
         if self._per_peer_limit is not None and self._per_peer[host] >= self._per_peer_limit:
-            self._refuse(conn, peer, f"server.max_sessions_per_peer ({self._per_peer_limit}) reached")
+            self._refuse(conn, peer, f"server.max_sessions_per_peer ({self._per_peer_limit}) reached",
+                         "max_sessions_per_peer")
             return
         conn.setblocking(False)
         self._per_peer[host] += 1
-        started: list[bool] = []  # stays empty if the task is cancelled before it first runs
+        # Stays empty if the task is cancelled before it first runs; then holds its Session.
+        started: list[Session | None] = []
         task = self._loop.create_task(self._serve(conn, peer, started))
         self._sessions.add(task)
-        task.add_done_callback(lambda done: self._session_done(done, host, None if started else conn))
+        task.add_done_callback(
+            lambda done: self._session_done(done, host, None if started else conn, started))
 
-    async def _serve(self, conn: socket.socket, peer: str, started: list[bool]) -> None:
-        started.append(True)  # from here on the transport (or the except below) closes conn
+    async def _serve(self, conn: socket.socket, peer: str, started: list[Session | None]) -> str | None:
+        started.append(None)  # from here on the transport (or the except below) closes conn
         try:
             _transport, stream = await self._loop.connect_accepted_socket(self._new_stream, conn)
         except OSError:
             conn.close()
-            return
-        await Session(stream, registry=self._registry, config=self._config, audit=self._audit,
-                      peer=peer).run()
+            return None
+        # The registry and config of this moment: a reload later does not change this session.
+        session = started[0] = Session(stream, registry=self._registry, config=self._config,
+                                       audit=self._audit, peer=peer)
+        return await session.run()
 
-    def _session_done(self, task: asyncio.Task, host: str, unstarted: socket.socket | None) -> None:
+    def _session_done(self, task: asyncio.Task, host: str, unstarted: socket.socket | None,
+                      started: list[Session | None]) -> None:
         self._sessions.discard(task)
         if unstarted is not None:
             unstarted.close()  # cancelled before it ran: nothing else owns the socket
@@ -258,3 +271,12 @@ class FastAGIServer:
             # The session closed its socket; what escaped it is a bug, recorded here once.
             self._audit.problem("internal_error", error=f"{type(exc).__name__}: {exc}",
                                 where="session boundary")
+        session = started[0] if started else None
+        if session is not None and self.on_session_end is not None:
+            if task.cancelled():
+                outcome = "cancelled"
+            elif task.exception() is not None:
+                outcome = "internal_error"
+            else:
+                outcome = task.result()
+            self.on_session_end(session.action, outcome)

@@ -70,6 +70,7 @@ class Session:
         self._config = config
         self._audit = audit
         self._peer = peer
+        self.action: str | None = None  # the request path, once it named a known action
 
     async def run(self) -> str:
         """Serve the session; return its outcome. Never raises for anything Asterisk sends.
@@ -110,6 +111,8 @@ class Session:
             caller_name=call.caller_name,
         )
         action = self._registry.resolve(request.path)
+        if action is not None:
+            self.action = request.path
         channel = Channel(self._stream, call.channel, dead_ok=getattr(action, "dead_ok", False))
         outcome, status, error = "completed", "ok", None
         cancelled: asyncio.CancelledError | None = None
