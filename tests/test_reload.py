@@ -188,3 +188,18 @@ def test_the_fingerprint_is_stable_and_ignores_how_the_file_is_written(tmp_path)
     assert fa == fb == fingerprint(config_module.Config())
     b.write_text('[server]\nport = 4574\n')
     assert fingerprint(config_module.load(b)[0]) != fa
+
+
+def test_secrets_stay_out_of_the_fingerprint_and_the_refusal(tmp_path):
+    from calmline.reload import refusals, shown
+
+    base = config_module.parse('[mail]\npassword = "hunter2"\n')
+    other = config_module.parse('[mail]\npassword = "correct horse"\n')
+    assert fingerprint(base) == fingerprint(other)
+    assert fingerprint(base) != fingerprint(config_module.Config())  # set or not still shows
+    assert shown("x.url", "postgresql://calm:s3cret@db:5432/calm") == "postgresql://calm:***@db:5432/calm"
+    a = config_module.parse('[server]\nhost = "127.0.0.1"\n')
+    b = config_module.parse('[server]\nhost = "10.0.0.1"\n')
+    (line,) = refusals(a, b, "t.toml")
+    assert line.startswith("t.toml: server.host cannot change without a restart (running with '127.0.0.1', "
+                           "the file says '10.0.0.1')")

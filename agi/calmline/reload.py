@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 from calmline.config import Config
@@ -44,9 +45,27 @@ def flatten(config: Config) -> dict[str, Any]:
     return out
 
 
+# Secrets stay out of the fingerprint (it is shown on /metrics and in the trail, and a hash
+# of otherwise known settings would let a weak password be guessed offline) and out of
+# messages: a changed password changes no fingerprint, only the `changed` keys say so.
+_SECRET_KEYS = ("mail.password", "store.password")
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*):[^@/\s]*@")
+
+
+def shown(key: str, value: Any) -> Any:
+    """A setting's value as it may be shown or hashed: secrets masked."""
+    if key in _SECRET_KEYS:
+        return None if value is None else "(set)"
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\1:***@", value)
+    return value
+
+
 def fingerprint(config: Config) -> str:
-    """A stable hash of the validated config: equal configs (however written) hash alike."""
-    text = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """A stable hash of the validated config, secrets left out: equal configs (however
+    written) hash alike."""
+    settings = {key: shown(key, value) for key, value in flatten(config).items()}
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -63,8 +82,9 @@ def refusals(old: Config, new: Config, source: str, *, has_outbox: bool = True) 
     """One line per change that needs a restart, naming the key; empty when the swap is safe."""
     a, b = flatten(old), flatten(new)
     lines = [
-        f"{source}: {key} cannot change without a restart (running with {a.get(key)!r}, the file "
-        f"says {b.get(key)!r}); put it back, or restart the service (systemctl restart calmline)"
+        f"{source}: {key} cannot change without a restart (running with {shown(key, a.get(key))!r}, "
+        f"the file says {shown(key, b.get(key))!r}); put it back, or restart the service "
+        f"(systemctl restart calmline)"
         for key in changed_keys(old, new)
         if _restart_only(key)
     ]
