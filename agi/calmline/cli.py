@@ -110,6 +110,66 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _os_user() -> dict[str, str]:
+    """Who runs this command, as the trail records it: the OS user, and sudo's caller if any."""
+    import os
+    import pwd
+
+    try:
+        who = {"by": pwd.getpwuid(os.geteuid()).pw_name}
+    except KeyError:
+        who = {"by": f"uid {os.geteuid()}"}
+    if os.environ.get("SUDO_USER"):
+        who["sudo_user"] = os.environ["SUDO_USER"]
+    return who
+
+
+def cmd_audit_prune(args: argparse.Namespace) -> int:
+    """Delete events before --before (and sent or failed mail), never pending mail; audit it."""
+    from datetime import datetime, timezone
+
+    from calmline.audit import retention
+    from calmline.audit.store import AuditStore, stamp
+    from calmline.store import DATABASE_ERRORS
+
+    cfg, _source = _load(args)
+    before = _cut(args.before)
+    if before > datetime.now(timezone.utc):
+        raise ConfigError([f"--before {retention.as_ts(before)} is in the future; "
+                           "give the day (or time) before which events go, e.g. 2026-01-01"])
+    db = _store(cfg)
+    if db is None:
+        return EXIT_FAILED
+    try:
+        pruned = retention.prune(db, before)
+    except DATABASE_ERRORS as exc:
+        return _unreadable(db, exc)
+    store = AuditStore(db)
+    store.open()
+    store.submit(stamp("info", {"event": "audit_pruned", **_os_user(), **pruned.fields()}))
+    recorded = store.close()
+    print(f"pruned {pruned.events} event(s) and {pruned.outbox} sent or failed mail(s) from before "
+          f"{pruned.before}; kept {pruned.pending_kept} pending callback mail(s)")
+    if not recorded:
+        print(f"calmline: the prune was not recorded in the audit trail of {db.where}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _cut(text: str):
+    """--before: a date (midnight UTC) or an ISO time; a time without offset is UTC."""
+    from datetime import date, datetime, time, timezone
+
+    try:
+        if len(text) == 10:
+            return datetime.combine(date.fromisoformat(text), time.min, timezone.utc)
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError([
+            f"--before: {text!r} is not a date; write 2026-11-01 or 2026-11-01T09:30:00+01:00"]) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
 def _audit_lines(events: list[dict], limit: int, linkedid: str | None) -> list[str]:
     """The events as JSON lines a terminal shows as they are; says on stderr what --limit cut.
 
@@ -343,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="at most this many events (default 200): the newest, or with --linkedid the "
                             "call's first; stderr says when there are more")
     audit.set_defaults(func=cmd_audit)
+    audit_sub = audit.add_subparsers(dest="audit_command", metavar="[prune]", title="commands")
+    prune = audit_sub.add_parser(
+        "prune", help="delete events before a date, and sent or failed mail; pending mail stays")
+    prune.add_argument("--before", required=True, metavar="DATE",
+                       help="2026-11-01 (midnight UTC) or an ISO time with offset; events at the cut stay")
+    prune.set_defaults(func=cmd_audit_prune)
 
     rep = sub.add_parser("report", help="write the supervisors' HTML report of escalations from the audit trail")
     rep.add_argument("--days", type=_positive_days, default=30, help="how many days back, today included (default 30)")

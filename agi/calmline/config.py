@@ -216,6 +216,8 @@ class StoreConfig(Section):
 class AuditConfig(Section):
     stdout: StrictBool = True
     commit_timeout: StrictFloat = Field(5.0, gt=0, le=300)
+    # None keeps every event (as before); otherwise the service prunes older ones hourly.
+    keep_days: StrictInt | None = Field(None, ge=1, le=36600)
 
 
 class WarnStage(Section):

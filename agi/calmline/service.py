@@ -11,7 +11,7 @@ import gc
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
 from calmline.fastagi.contract import Registry
@@ -26,6 +26,7 @@ from calmline.callback.outbox import Outbox
 from calmline.fastagi.server import FastAGIServer
 from calmline.lines import LineSink
 from calmline import reload as reloading
+from calmline.audit import retention
 
 if TYPE_CHECKING:
     from calmline.metrics import Metrics
@@ -53,6 +54,8 @@ class Service:
     metrics: Metrics | None = None
     metrics_address: tuple[str, int] | None = None
     _worker_task: asyncio.Task | None = None
+    _retention_task: asyncio.Task | None = None
+    _retention_wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(self) -> tuple[str, int]:
         cfg = self.config.server
@@ -69,6 +72,11 @@ class Service:
             ]) from None
         if self.worker is not None:
             self._worker_task = asyncio.create_task(self.worker.run(), name="calmline-mail")
+        # keep_days is asked each round; a reload that changes it starts one at once.
+        self._retention_task = asyncio.create_task(
+            retention.schedule(self.store.db, lambda: self.config.audit.keep_days, self.audit,
+                               wake=self._retention_wake),
+            name="calmline-retention")
         return self.address
 
     def reload(self, load: Callable[[], tuple[Config, str]]) -> bool:
@@ -109,6 +117,8 @@ class Service:
             "config_reloaded", config=source, fingerprint=reloading.fingerprint(new),
             previous_fingerprint=running, changed=reloading.changed_keys(old, new),
         )
+        if new.audit.keep_days != old.audit.keep_days:
+            self._retention_wake.set()  # the new retention applies now, not within the hour
         self.warn_if_exposed()
         return True
 
@@ -121,6 +131,9 @@ class Service:
             sys.stderr.write(f"calmline: WARNING: {exposure}\n")
 
     async def stop(self, grace: float = 30.0) -> None:
+        if self._retention_task is not None:
+            self._retention_task.cancel()
+            await asyncio.gather(self._retention_task, return_exceptions=True)
         await self.server.close(grace)
         if self.worker is not None and self._worker_task is not None:
             await self.worker.stop()
