@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 import socket
 import urllib.request
 from pathlib import Path
@@ -112,6 +113,7 @@ def test_scraped_counts_match_the_sessions_driven_through_the_service(tmp_path):
             await asyncio.gather(*holders)
             return was_refused, during
 
+        driven_from = time.monotonic()
         was_refused, during = run(drive())
         assert was_refused
         assert during[("calmline_sessions_in_flight", ())] == 3
@@ -130,7 +132,12 @@ def test_scraped_counts_match_the_sessions_driven_through_the_service(tmp_path):
         assert total == len(ends) == 13
         # The ended call queued a team mail that cannot go out (SMTP port 1): one pending.
         assert after[("calmline_outbox_pending", (("channel", "mail"),))] == 1
-        assert after[("calmline_outbox_oldest_pending_age_seconds", (("channel", "mail"),))] >= 0
+        # Its age grows from the moment it was queued, and no further back than the drive.
+        age = after[("calmline_outbox_oldest_pending_age_seconds", (("channel", "mail"),))]
+        assert 0 < age <= time.monotonic() - driven_from
+        time.sleep(0.3)
+        later = scrape(mport)[("calmline_outbox_oldest_pending_age_seconds", (("channel", "mail"),))]
+        assert later >= age + 0.25
         assert after[("process_open_fds", ())] > 0
 
         # A reload shows as a new fingerprint and a counted reload.
@@ -176,7 +183,6 @@ def test_a_metrics_port_in_use_is_one_line_naming_the_key(tmp_path):
 def test_commit_latency_and_store_errors_are_scraped(tmp_path):
     """A store someone else holds locked shows as errors; commits show in the histogram."""
     import sqlite3
-    import time
 
     path = tmp_path / "calmline.toml"
     write_config(path, tmp_path, "[audit]\ncommit_timeout = 0.5\n")
