@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calmline import service as service_module  # noqa: E402
 from calmline.audit.store import read_events  # noqa: E402
 from calmline.config import Config  # noqa: E402
+from postgres import pg_database, postgres_cluster, postgres_url, store_url  # noqa: E402,F401
 
 
 def pytest_collection_modifyitems(config, items):
