@@ -59,6 +59,29 @@ _INDEXES = [
 ]
 
 
+# The console: supervisors' accounts, the failed logins that slow and lock an account, and
+# the indexes its pages read through (escalations by kind and time, a session's steps).
+_CONSOLE_USERS = """
+CREATE TABLE console_users (
+    name TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    created_at TEXT NOT NULL
+)"""
+
+_CONSOLE_FAILURES = """
+CREATE TABLE console_failures (
+    name TEXT PRIMARY KEY,
+    failures INTEGER NOT NULL,
+    last_at {real} NOT NULL,
+    locked_until {real} NOT NULL DEFAULT 0
+)"""
+
+_CONSOLE_INDEXES = [
+    "CREATE INDEX events_event_ts ON events (event, ts)",
+    "CREATE INDEX events_session ON events (session, event)",
+]
+
+
 def _both(*statements: str) -> dict[str, list[str]]:
     return {
         "sqlite": [s.format(serial="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL") for s in statements],
@@ -68,6 +91,8 @@ def _both(*statements: str) -> dict[str, list[str]]:
 
 MIGRATIONS: list[tuple[int, str, dict[str, list[str]]]] = [
     (1, "events and the callback outbox", _both(_EVENTS, _OUTBOX, *_INDEXES)),
+    (2, "console accounts and the console's indexes",
+     _both(_CONSOLE_USERS, _CONSOLE_FAILURES, *_CONSOLE_INDEXES)),
 ]
 
 VERSION = MIGRATIONS[-1][0]

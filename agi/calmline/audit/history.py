@@ -1,0 +1,120 @@
+"""A caller's history of escalated calls, counted in SQL over the store's indexes.
+
+An *escalated call* is one linkedid on which an agent pressed a calmline code (a warning,
+a transfer or an end) at least once. The console's repeat-callers page and any action that
+wants to know "has this number been abusive before?" count the same way, here.
+
+A withheld number (empty, `anonymous`, `restricted`, ...) names nobody: it is never counted
+as one caller, and `calls()` says 0 for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from calmline.actions import catalog
+from calmline.store import Database
+
+# The request paths whose sessions are escalations (the transfer result is not one).
+ESCALATION_PATHS: tuple[str, ...] = tuple(s.path for s in catalog.ACTIONS if s.escalation is not None)
+# What networks and PBXes put in the caller number when it is withheld (compared lower-case).
+WITHHELD = ("", "anonymous", "restricted", "private", "withheld", "unknown", "<unknown>",
+            "unavailable")
+
+_PATHS = ", ".join("?" * len(ESCALATION_PATHS))
+# An escalation's session_start, on the (event, ts) index.
+ESCALATION_WHERE = f"event = 'session_start' AND action IN ({_PATHS})"
+WITHHELD_SQL = (f"(caller_number IS NULL OR lower(trim(caller_number)) IN "
+                f"({', '.join('?' * len(WITHHELD))}))")
+
+
+def as_ts(when: datetime) -> str:
+    """`when` in the store's `ts` format (UTC, microseconds), which sorts as text."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def is_withheld(number: str | None) -> bool:
+    return number is None or number.strip().lower() in WITHHELD
+
+
+@dataclass(frozen=True, slots=True)
+class RepeatCaller:
+    number: str
+    calls: int  # escalated calls (distinct linkedids) in the range
+    escalations: int  # key presses on them
+    last_at: str  # the latest escalation, as stored (UTC)
+    name: str  # one caller name seen with the number (the greatest, for a stable answer)
+
+
+@dataclass(frozen=True, slots=True)
+class Withheld:
+    calls: int
+    escalations: int
+
+
+class CallerHistory:
+    """Counts of escalated calls per caller number over a time range (since ≤ ts < until)."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    @staticmethod
+    def _range(since: datetime | None, until: datetime | None) -> tuple[str, list[str]]:
+        sql, params = "", []
+        if since is not None:
+            sql += " AND ts >= ?"
+            params.append(as_ts(since))
+        if until is not None:
+            sql += " AND ts < ?"
+            params.append(as_ts(until))
+        return sql, params
+
+    def calls(self, number: str | None, since: datetime | None = None,
+              until: datetime | None = None) -> int:
+        """How many escalated calls this number made in the range (0 for a withheld one)."""
+        if is_withheld(number):
+            return 0
+        bounds, params = self._range(since, until)
+        conn = self.db.connect()
+        try:
+            row = conn.execute(
+                f"SELECT COUNT(DISTINCT COALESCE(linkedid, session)) FROM events "
+                f"WHERE caller_number = ? AND {ESCALATION_WHERE}{bounds}",
+                (number, *ESCALATION_PATHS, *params)).fetchone()
+        finally:
+            conn.close()
+        return int(row[0] or 0)
+
+    def repeat_callers(self, since: datetime | None = None, until: datetime | None = None, *,
+                       minimum: int = 2, limit: int = 200) -> list[RepeatCaller]:
+        """Numbers with at least `minimum` escalated calls in the range, most calls first."""
+        bounds, params = self._range(since, until)
+        conn = self.db.connect()
+        try:
+            rows = conn.execute(
+                f"SELECT caller_number, COUNT(DISTINCT COALESCE(linkedid, session)) AS calls, "
+                f"COUNT(*), MAX(ts), MAX(caller_name) FROM events "
+                f"WHERE {ESCALATION_WHERE}{bounds} AND NOT {WITHHELD_SQL} "
+                f"GROUP BY caller_number HAVING COUNT(DISTINCT COALESCE(linkedid, session)) >= ? "
+                f"ORDER BY calls DESC, caller_number LIMIT ?",
+                (*ESCALATION_PATHS, *params, *WITHHELD, max(1, minimum), limit)).fetchall()
+        finally:
+            conn.close()
+        return [RepeatCaller(number=r[0], calls=int(r[1]), escalations=int(r[2]), last_at=r[3],
+                             name=r[4] or "") for r in rows]
+
+    def withheld(self, since: datetime | None = None, until: datetime | None = None) -> Withheld:
+        """Escalated calls from withheld numbers in the range: a group, not a caller."""
+        bounds, params = self._range(since, until)
+        conn = self.db.connect()
+        try:
+            row = conn.execute(
+                f"SELECT COUNT(DISTINCT COALESCE(linkedid, session)), COUNT(*) FROM events "
+                f"WHERE {ESCALATION_WHERE}{bounds} AND {WITHHELD_SQL}",
+                (*ESCALATION_PATHS, *params, *WITHHELD)).fetchone()
+        finally:
+            conn.close()
+        return Withheld(calls=int(row[0] or 0), escalations=int(row[1] or 0))
