@@ -129,3 +129,22 @@ def test_a_wildcard_bind_without_an_allowlist_is_named_as_open_to_the_network():
     assert parse('[server]\nhost = "0.0.0.0"\nallow = ["10.0.0.5"]').server.exposure_warning() is None
     assert parse('[server]\nhost = "10.0.0.1"').server.exposure_warning() is None
     assert Config().server.exposure_warning() is None
+
+
+@pytest.mark.parametrize(("toml", "expected"), [
+    ('[console]\ntimezone = "Mars/Olympus"', "console.timezone: 'Mars/Olympus' is not a time zone"),
+    ('[console]\nurl = "javascript:alert(1)"', "console.url: the console's address"),
+    ('[console]\nport = 70000', "console.port:"),
+    ('[console]\nsecret_env = "lower"', "console.secret_env:"),
+])
+def test_console_errors_name_the_key(toml, expected):
+    with pytest.raises(ConfigError) as caught:
+        parse(toml, "t.toml")
+    assert expected in "\n".join(caught.value.problems)
+
+
+def test_console_timezone_and_url():
+    console = parse('[console]\ntimezone = "Europe/Berlin"\nurl = "https://calm.example.com/"').console
+    assert str(console.zone()) == "Europe/Berlin"
+    assert console.url == "https://calm.example.com"
+    assert (console.host, console.port) == ("127.0.0.1", 8088)

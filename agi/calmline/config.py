@@ -360,6 +360,67 @@ class MetricsConfig(Section):
     port: StrictInt = Field(9573, ge=0, le=65535, description="0 picks a free port (for tests)")
 
 
+def _timezone(value: str) -> str:
+    if value:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a time zone this machine knows; write an IANA name "
+                             "such as \"Europe/Berlin\", or \"\" for the machine's own") from None
+    return value
+
+
+def _console_url(value: str) -> str:
+    if not re.match(r"^https?://[^\s\"'<>]+$", value):
+        raise ValueError("the console's address as supervisors open it, e.g. \"https://calmline.example.com\"")
+    return value.rstrip("/")
+
+
+class ConsoleConfig(Section):
+    """`calmline console`: the supervisors' web console, loopback unless asked otherwise."""
+
+    host: str = "127.0.0.1"
+    port: StrictInt = Field(8088, ge=0, le=65535, description="0 picks a free port (for tests)")
+    # Times are shown in this zone (an IANA name); "" is the machine's own.
+    timezone: Annotated[str, AfterValidator(_timezone)] = ""
+    # Where supervisors reach the console (behind a proxy, say); the report links calls there.
+    url: Annotated[str, AfterValidator(_console_url)] | None = None
+    # The key that signs session cookies: from this environment variable, or else from
+    # secret_file, which `calmline console` creates (0600) on first start.
+    secret_env: Variable | None = None
+    secret_file: Path = Path("var/calmline-console.key")
+    session_hours: StrictFloat = Field(8.0, gt=0, le=24 * 30)
+    secure_cookie: StrictBool = False  # set it when supervisors reach the console over HTTPS
+    lockout_after: StrictInt = Field(5, ge=1, le=1000)
+    lockout_minutes: StrictFloat = Field(15.0, gt=0, le=24 * 60)
+    page_size: StrictInt = Field(50, ge=5, le=1000)
+
+    def zone(self):
+        """The zone times are shown in: the configured one, or the machine's."""
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        if self.timezone:
+            return ZoneInfo(self.timezone)
+        candidates = [os.environ.get("TZ", "").lstrip(":")]
+        try:
+            candidates.append(Path("/etc/timezone").read_text().strip())
+        except OSError:
+            pass
+        try:
+            candidates.append(str(Path("/etc/localtime").resolve()).partition("zoneinfo/")[2])
+        except OSError:
+            pass
+        for name in candidates:
+            if name:
+                try:
+                    return ZoneInfo(name)
+                except (ZoneInfoNotFoundError, ValueError):
+                    continue
+        return ZoneInfo("UTC")
+
+
 # Keys earlier versions had, and what replaced them.
 _MOVED = {
     ("audit", "database"): "store.url (one store for the audit trail and the outbox, e.g. "
@@ -380,6 +441,7 @@ class Config(Section):
     dialplan: DialplanConfig = DialplanConfig()
     prompts: PromptsConfig = PromptsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    console: ConsoleConfig = ConsoleConfig()
 
     @model_validator(mode="before")
     @classmethod
