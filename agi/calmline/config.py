@@ -327,6 +327,18 @@ class MailConfig(Section):
     retry_initial_seconds: StrictFloat = Field(30.0, gt=0)
     retry_max_seconds: StrictFloat = Field(3600.0, gt=0)
     max_attempts: StrictInt = Field(48, ge=1)
+    # How long a worker's claim on a mail lasts: another instance sends it after that if the
+    # claiming one died.
+    lease_seconds: StrictFloat = Field(60.0, ge=1, le=86400)
+
+    @model_validator(mode="after")
+    def _check_lease(self) -> MailConfig:
+        if self.lease_seconds <= self.timeout:
+            raise ValueError(
+                f"lease_seconds ({self.lease_seconds:g}) must be longer than timeout ({self.timeout:g}): "
+                f"a mail still being sent when its lease runs out is sent again by another instance; "
+                f"raise mail.lease_seconds")
+        return self
 
     def resolved_password(self) -> str | None:
         if self.password_env:

@@ -405,9 +405,9 @@ class OutboxWorker:
         self.cfg = cfg
         self._clock = clock
         self._max_sleep = max_sleep
-        # A claim outlives any send: connect, EHLO, STARTTLS, AUTH, MAIL, RCPT and DATA can
-        # each take up to `timeout`.
-        self.claim_seconds = cfg.timeout * 8 + 30
+        # The lease on a claimed mail: if this process dies mid-send, another instance's
+        # worker sends it (same Message-ID) once the lease runs out.
+        self.claim_seconds = cfg.lease_seconds
         self._wake = asyncio.Event()
         self._stopping = False
         self._done: asyncio.Event | None = None

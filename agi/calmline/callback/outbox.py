@@ -33,7 +33,7 @@ import structlog
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from calmline.config import MailConfig
-from calmline.store import Connection, Database
+from calmline.store import DATABASE_ERRORS, Connection, Database
 
 log = structlog.get_logger("calmline.callback.outbox")
 
@@ -183,23 +183,50 @@ class Outbox:
         self.db = db
         self._lock = threading.RLock()
         self._db: Connection | None = db.connect()
+        self._closed = False
 
     def _conn(self) -> Connection:
-        if self._db is None:
+        """The connection, opened again when the last one broke (a database restart)."""
+        if self._closed:
             raise RuntimeError(f"the outbox of {self.db.where} is closed")
+        if self._db is None or self._db.broken:
+            self._forget()
+            self._db = self.db.connect()
         return self._db
+
+    def _forget(self) -> None:
+        if self._db is not None:
+            try:
+                self._db.close()
+            except DATABASE_ERRORS:
+                pass
+            self._db = None
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
         with self._lock:
-            with self._conn().transaction() as db:
-                yield db
+            try:
+                with self._conn().transaction() as db:
+                    yield db
+            except DATABASE_ERRORS:
+                if self._db is not None and self._db.broken:
+                    self._forget()  # the next call connects again
+                raise
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._lock:
+            try:
+                yield self._conn()
+            except DATABASE_ERRORS:
+                if self._db is not None and self._db.broken:
+                    self._forget()
+                raise
 
     def close(self) -> None:
         with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+            self._closed = True
+            self._forget()
 
     def __enter__(self) -> Outbox:
         return self
@@ -280,8 +307,8 @@ class Outbox:
 
     def next_due(self) -> float | None:
         """The earliest next attempt among pending messages, or None when none is pending."""
-        with self._lock:
-            row = self._conn().execute(
+        with self._read() as db:
+            row = db.execute(
                 "SELECT MIN(next_attempt) FROM outbox WHERE status = 'pending'"
             ).fetchone()
         return row[0]
@@ -324,8 +351,8 @@ class Outbox:
 
     def items(self) -> list[OutboxItem]:
         """All messages, in the order they were queued."""
-        with self._lock:
-            rows = self._conn().execute(f"SELECT {_COLUMNS} FROM outbox ORDER BY id").fetchall()
+        with self._read() as db:
+            rows = db.execute(f"SELECT {_COLUMNS} FROM outbox ORDER BY id").fetchall()
         return [_item(row) for row in rows]
 
     def retry_now(self) -> int:
@@ -344,8 +371,8 @@ class Outbox:
 
     def counts(self) -> dict[str, int]:
         """Number of messages per status (every status present, 0 when none)."""
-        with self._lock:
-            rows = self._conn().execute("SELECT status, COUNT(*) FROM outbox GROUP BY status").fetchall()
+        with self._read() as db:
+            rows = db.execute("SELECT status, COUNT(*) FROM outbox GROUP BY status").fetchall()
         out = dict.fromkeys(STATUSES, 0)
         out.update(dict(rows))
         return out

@@ -72,6 +72,13 @@ class Connection:
             raise
         self.raw.execute("COMMIT")
 
+    @property
+    def broken(self) -> bool:
+        """True once the server side is gone (PostgreSQL restarted, network cut): reconnect."""
+        if self.kind == "postgresql":
+            return bool(self.raw.broken or self.raw.closed)
+        return False
+
     def close(self) -> None:
         self.raw.close()
 
