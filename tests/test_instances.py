@@ -173,7 +173,8 @@ def test_two_instances_share_the_trail_the_outbox_and_the_ladder(tmp_path, pg_da
         assert len(queued) - len(first) <= 8 and len(done) - len(first) <= 8
         ended = store_rows(pg_database, "SELECT DISTINCT linkedid FROM events WHERE event = 'session_end' "
                                         "AND outcome = 'completed' AND session IS NOT NULL")
-        assert {linkedid for (linkedid,) in ended} >= set(done)
+        # B may die after its last command to a call and before that session's end is stored
+        assert len(set(done) - {linkedid for (linkedid,) in ended}) <= 8
         warns = store_rows(pg_database, "SELECT data FROM events WHERE step = 'warning_played' ORDER BY id")
         assert sorted(json.loads(d)["warning"] for (d,) in warns) == [1, 2, 3, 4]
         a_events = {e["event_id"] for e in a.events}
