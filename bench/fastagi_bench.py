@@ -65,6 +65,7 @@ TARGETS = {
     "bare-asyncio": ("bare-asyncio", 1, None),
     "calmline-pg": ("calmline", 1, "pg-1"),
     "calmline-pg-x2": ("calmline", 2, "pg-2"),
+    "calmline-alt": ("calmline", 1, "sqlite"),  # calmline loaded from --alt DIR (A/B runs)
 }
 ORDER = tuple(TARGETS)
 # glibc's malloc settings for every server process (bench/README.md, 2026-11-26).
@@ -286,7 +287,9 @@ async def _serve(kind: str, conn, tmpdir: str, store_url: str | None, peers_gc: 
 
 
 def server_process(kind: str, conn, use_uvloop: bool, tmpdir: str, store_url: str | None,
-                   peers_gc: bool) -> None:
+                   peers_gc: bool, code: str | None = None) -> None:
+    if code:
+        sys.path.insert(0, code)  # before anything imports calmline
     with asyncio.Runner(loop_factory=_new_loop_factory(use_uvloop)) as runner:
         runner.run(_serve(kind, conn, tmpdir, store_url, peers_gc))
 
@@ -295,12 +298,12 @@ class ServerHandle:
     """One server process, spoken to over a pipe."""
 
     def __init__(self, kind: str, use_uvloop: bool, store_url: str | None, tmpdir: str,
-                 peers_gc: bool = False):
+                 peers_gc: bool = False, code: str | None = None):
         ctx = mp.get_context("spawn")
         self.kind = kind
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=server_process,
-                                   args=(kind, child, use_uvloop, tmpdir, store_url, peers_gc),
+                                   args=(kind, child, use_uvloop, tmpdir, store_url, peers_gc, code),
                                    name=f"bench-{kind}", daemon=True)
         self.process.start()
         if not self.conn.poll(60):
@@ -352,8 +355,9 @@ class Target:
         self.handles: list[ServerHandle] = []
         try:
             for _ in range(instances):
+                code = str(Path(args.alt).resolve()) if name == "calmline-alt" else None
                 self.handles.append(ServerHandle(kind, args.uvloop, self.store_url, self.tmpdir,
-                                                 args.peers_gc))
+                                                 args.peers_gc, code))
         except BaseException:
             self.close()
             raise
@@ -937,6 +941,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="give the peers calmline's garbage collector settings too")
     parser.add_argument("--malloc-as-is", action="store_true",
                         help="leave glibc's malloc thresholds dynamic in the server processes")
+    parser.add_argument("--alt", metavar="DIR",
+                        help="also measure calmline-alt: calmline imported from DIR (a copy of "
+                             "agi/ with a change), interleaved with the rest, for A/B comparisons")
     parser.add_argument("--json", type=Path, help="write the results to this file")
     parser.add_argument("--profile", action="store_true",
                         help="after measuring, one cProfile'd calmline run at the highest "
@@ -956,8 +963,13 @@ def main(argv: list[str] | None = None) -> int:
     servers = [s for s in args.servers.split(",") if s] if "throughput" in parts else []
     burst_servers = [s for s in args.burst_servers.split(",") if s] if "burst" in parts else []
     store_targets = ["calmline", "calmline-pg", "calmline-pg-x2"] if "stores" in parts else []
+    if args.alt:
+        if not (Path(args.alt) / "calmline" / "__init__.py").exists():
+            parser.error(f"--alt {args.alt}: no calmline package there")
+        servers += ["calmline-alt"] if servers and "calmline-alt" not in servers else []
+        burst_servers += ["calmline-alt"] if burst_servers and "calmline-alt" not in burst_servers else []
     for s in servers + burst_servers:
-        if s not in ("calmline", "panoramisk-audit", "panoramisk", "bare-asyncio"):
+        if s not in ("calmline", "panoramisk-audit", "panoramisk", "bare-asyncio", "calmline-alt"):
             parser.error(f"unknown server {s!r}")
     if args.quick:
         args.repeat = min(args.repeat, 3)
