@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import json
 import os
 import random
 import sys
@@ -62,6 +63,19 @@ class Truth:
     answered_per_day: Counter = field(default_factory=Counter)  # (date, "answered"/"fallback") by transfer day
     calls: int = 0
     callers: Counter = field(default_factory=Counter)  # caller number -> escalated calls
+
+    def as_json(self) -> dict:
+        """The tally with string keys: `day kind`, `agent kind`, agent -> calls."""
+        return {
+            "per_day": {f"{day.isoformat()} {kind}": n for (day, kind), n in self.per_day.items()},
+            "per_agent": {f"{agent} {kind}": n for (agent, kind), n in self.per_agent.items()},
+            "agent_calls": {agent: len(calls) for agent, calls in self.agent_calls.items()},
+            "outcomes": dict(self.outcomes),
+            "transfer_results": dict(self.transfer_results),
+            "answered_per_day": {f"{day.isoformat()} {r}": n for (day, r), n in self.answered_per_day.items()},
+            "calls": self.calls,
+            "callers": dict(self.callers),
+        }
 
     def escalation(self, at: datetime, kind: str, endpoint: str, linkedid: str, outcome: str) -> None:
         self.per_day[(at.date(), kind)] += 1
@@ -189,7 +203,7 @@ class _Generator:
             self._emit(clock[0], {**(identity or started), **fields, "event": event, "level": level})
             return clock[0]
 
-        emit("session_start", params=None, pause=0.001)
+        emit("session_start", params=None, pause=0.0)
         return bound, emit
 
     def _end_session(self, emit, outcome: str = "completed", error: str | None = None, duration: float = 0.01) -> datetime:
@@ -439,12 +453,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--days", type=int, default=DAYS, help=f"history length in days (default {DAYS})")
     parser.add_argument("--agents", type=int, default=AGENTS, help=f"agents (default {AGENTS})")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--end", type=datetime.fromisoformat, help="when the history ends (default now, UTC)")
+    parser.add_argument("--truth", type=Path, help="also write the tally of what a report must count, as JSON")
     args = parser.parse_args(argv)
 
     def progress(done: int, target: int) -> None:
         print(f"  {done:>9,} / {target:,} events", file=sys.stderr, flush=True)
 
-    built = build(args.url, args.events, days=args.days, agents=args.agents, seed=args.seed, progress=progress)
+    built = build(args.url, args.events, days=args.days, agents=args.agents, seed=args.seed, progress=progress,
+                  end=args.end)
+    if args.truth is not None:
+        args.truth.write_text(json.dumps(built.truth.as_json()), encoding="utf-8")
     print(f"{built.events:,} events, {built.sessions:,} sessions, {built.calls:,} calls, "
           f"{built.outbox_rows:,} outbox rows, {built.first:%Y-%m-%d} .. {built.last:%Y-%m-%d}, "
           f"in {built.seconds:.1f}s ({built.events / max(built.seconds, 1e-9):,.0f} events/s)")

@@ -238,8 +238,10 @@ def test_the_page_escapes_everything_from_the_audit(audit_db, tmp_path):
         for event in ("session_start", "session_end"):
             data = {"event": event, "ts": at(10, 11, 40).isoformat(), "session": "other-1", "action": "warn",
                     "linkedid": "S.1", "agent": ALICE, "caller_name": "bad\udc80byte", "outcome": "completed"}
-            conn.execute("INSERT INTO events (event_id, event, data, ts, linkedid) VALUES (?, ?, ?, ?, ?)",
-                         (f"other-{event}", event, json.dumps(data), data["ts"], data["linkedid"]))
+            conn.execute("INSERT INTO events (event_id, event, data, ts, linkedid, session, action, outcome) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (f"other-{event}", event, json.dumps(data), data["ts"], data["linkedid"], data["session"],
+                          data["action"], data["outcome"] if event == "session_end" else None))
     conn.close()
     page = render_html(build_report(sqlite_db(audit_db), since=SINCE, until=None, now=NOW))
     page.encode("utf-8")  # lone surrogates would make writing the file fail
@@ -616,3 +618,27 @@ def test_cli_report_never_writes_through_a_planted_symlink_and_is_private(tmp_pa
     assert not out.is_symlink() and "P.1" in out.read_text(encoding="utf-8")
     assert stat.S_IMODE(out.stat().st_mode) == 0o600  # caller data
     assert sorted(p.name for p in shared.iterdir()) == ["report.html", "report.html.partial"]
+
+
+def test_with_a_console_url_each_call_links_to_its_timeline(audit_db):
+    trail = Trail(audit_db)
+    trail.session(at(10, 11, 30), "warn", linkedid='L"<b>&?/x', agent=ALICE, steps=[warned(1)])
+    trail.close()
+    report = build_report(sqlite_db(audit_db), since=SINCE, until=None, now=NOW,
+                          console_url="https://calmline.example.com/console/")
+    page = render_html(report)
+    assert '<a href="https://calmline.example.com/console/calls/B.1">B.1</a>' in page
+    # A hostile linkedid stays inside its path segment and is shown inert.
+    assert ('<a href="https://calmline.example.com/console/calls/L%22%3Cb%3E%26%3F%2Fx">'
+            'L&quot;&lt;b&gt;&amp;?/x</a>') in page
+    assert len(re.findall(r"<a href=", page)) == len(report.calls) == 9
+    # Without one, no links at all.
+    assert "<a " not in render_html(build_report(sqlite_db(audit_db), since=SINCE, until=None, now=NOW))
+
+
+def test_the_page_shows_the_most_recent_calls_and_counts_them_all(audit_db):
+    report = build_report(sqlite_db(audit_db), since=SINCE, until=None, now=NOW, calls_shown=3)
+    assert report.call_count == 8 and [c.linkedid for c in report.calls] == ["I.1", "H.1", "G.1"]
+    assert report.escalations == 13  # the counts are over every call, not the ones shown
+    page = render_html(report)
+    assert "Showing the 3 most recent of 8 calls" in page and "calls escalated" in page

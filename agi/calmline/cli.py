@@ -219,7 +219,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     now = datetime.now(timezone.utc)
     since = datetime.combine(now.date() - timedelta(days=args.days - 1), datetime.min.time(), timezone.utc)
     try:
-        report = build_report(db, since=since, until=None, now=now)
+        report = build_report(db, since=since, until=None, now=now, console_url=cfg.console.url)
     except DATABASE_ERRORS as exc:
         return _unreadable(db, exc)
     output = args.output
@@ -229,7 +229,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"calmline: cannot write the report {output}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"wrote {output}: {len(report.calls)} call(s), {report.escalations} escalation(s) "
+    print(f"wrote {output}: {report.call_count} call(s), {report.escalations} escalation(s) "
           f"in the last {args.days} day(s)")
     return EXIT_OK
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from calmline.actions import catalog
 from calmline.actions.catalog import (
@@ -32,7 +33,8 @@ from calmline.actions.catalog import (
     TRANSFER_RESULT,
     WARNING_PLAYED,
 )
-from calmline.store import Database
+from calmline.audit.history import as_ts
+from calmline.store import Connection, Database
 
 CALLS_SHOWN = 500
 AGENTS_CHARTED = 30
@@ -78,7 +80,7 @@ TRANSFER_LABELS = {"answered": "answered", "fallback": "not answered: fallback",
 TRANSFER_COLOURS = {"answered": "#4f83b0", "fallback": "#d1ad6b", "no_result": "#cfcfc7", "not_transferred": "#c46a62"}
 
 _ESCALATION_PATHS = {spec.path: spec.escalation for spec in catalog.ACTIONS if spec.escalation is not None}
-_AGENT_SUFFIX = re.compile(r"(?:-[0-9A-Fa-f]{8})?(?:;\d+)?$")
+_AGENT_SUFFIX = re.compile(r"(?:-[0-9A-Fa-f]{8})?(?:;[0-9]+)?$")
 # Controls, lone surrogates and bidi overrides: shown as visible escapes, never passed through.
 _UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
 
@@ -186,7 +188,9 @@ class Report:
     agents: list[AgentCount]  # most escalations first
     outcomes: dict[str, int]  # outcome as recorded -> escalations
     transfer_results: dict[str, int]  # TRANSFER_RESULTS -> transfers
-    calls: list[Call]  # most recent first
+    calls: list[Call]  # the most recent (CALLS_SHOWN of them), most recent first
+    call_count: int = 0  # every escalated call in the period
+    console_url: str | None = None  # where each call's page is: {console_url}/calls/{linkedid}
 
     @property
     def escalations(self) -> int:
@@ -194,7 +198,7 @@ class Report:
 
     @property
     def empty(self) -> bool:
-        return not self.calls
+        return not self.call_count
 
     def totals(self) -> DayCount:
         total = DayCount(self.first_day or date.min)
@@ -221,7 +225,174 @@ def agent_endpoint(channel: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading the trail
+# Reading the trail: the database counts, Python only draws
+#
+# An escalation is one session of an escalation action (the catalog's) that started in the
+# period: its `session_start`, or its `session_end` when it never got that far (no linkedid
+# yet). `_collect()` puts one row per escalation and per transfer result of the period in a
+# temporary table, reading the period through the (event, ts, ...) index and each session's
+# steps and end through the (session, event, step, outcome) index, both covering; each figure
+# is then one GROUP BY over that table. No query reads a row outside the period, except the
+# steps and end of a session that began in it.
+
+_SCRATCH = "calmline_report"
+_CHUNK = 500  # call keys per IN list
+_RESULT_PATH = catalog.TRANSFER_RESULT_ACTION.path
+_TRANSFER_KINDS = ("supervisor", "colleague")
+# Bits of a session's `flags`: what its steps recorded.
+_EXHAUSTED, _TRANSFERRED, _FINAL, _ANSWERED, _RESULT = 1, 2, 4, 8, 16
+# A step's `"final": true` or `"answered": true`, as `audit.store.encode` writes it: a string
+# value cannot hold that text (its quotes are escaped), so only the key itself matches, and the
+# partial index events_final_warning answers the first without reading the row.
+_FINAL_SQL = "f.data LIKE '%\"final\": true%'"
+_ANSWERED_SQL = "f.data LIKE '%\"answered\": true%'"
+# The agent's endpoint, as `agent_endpoint()` has it: `-` and 8 hex digits, then `;` and digits, cut.
+_HEX8 = "[0-9A-Fa-f]" * 8
+_ENDPOINT = {
+    "sqlite": (
+        "(CASE WHEN {x} GLOB '*-" + _HEX8 + "' THEN substr({x}, 1, length({x}) - 9) ELSE {x} END)").format(
+        x="(CASE WHEN rtrim(trim(a.agent), '0123456789') LIKE '%;' "
+          "AND length(rtrim(trim(a.agent), '0123456789')) < length(trim(a.agent)) "
+          "THEN substr(trim(a.agent), 1, length(rtrim(trim(a.agent), '0123456789')) - 1) "
+          "ELSE trim(a.agent) END)"),
+    # ({0,1}, not ?: the store turns every ? into a placeholder)
+    "postgresql": "regexp_replace(btrim(a.agent), '(-[0-9A-Fa-f]{8}){0,1}(;[0-9]+){0,1}$', '')",
+}
+
+
+def _collect(conn: Connection, since: str | None, until: str | None) -> None:
+    """One row per escalation and transfer result of the period, in a temporary table."""
+    if conn.kind == "sqlite":
+        conn.execute("PRAGMA temp_store = MEMORY")
+    paths = (*_ESCALATION_PATHS, _RESULT_PATH)
+    bounds, params = "", []
+    if since is not None:
+        bounds += " AND a.ts >= ?"
+        params.append(since)
+    if until is not None:
+        bounds += " AND a.ts < ?"
+        params.append(until)
+    conn.execute(f"DROP TABLE IF EXISTS {_SCRATCH}")
+    conn.execute(f"CREATE TEMP TABLE {_SCRATCH} (id BIGINT, session TEXT, started TEXT, action TEXT, "
+                 "agent TEXT, call TEXT, outcome TEXT, flags INTEGER)")
+    select = (
+        f"INSERT INTO {_SCRATCH} SELECT a.id, a.session, a.ts, a.action, "
+        f"COALESCE(NULLIF({_ENDPOINT[conn.kind]}, ''), '(unknown agent)'), "
+        f"COALESCE(NULLIF(a.linkedid, ''), NULLIF(a.uniqueid, ''), 'session ' || a.session), "
+        f"COALESCE((SELECT MAX(COALESCE(NULLIF(s.outcome, ''), 'unknown')) FROM events s "
+        f"  WHERE s.session = a.session AND s.event = 'session_end'), 'unfinished'), "
+        f"COALESCE((SELECT MAX(CASE WHEN s.step = '{LADDER_EXHAUSTED}' THEN {_EXHAUSTED} ELSE 0 END) "
+        f"  + MAX(CASE WHEN s.step = '{CALLER_TRANSFERRED}' THEN {_TRANSFERRED} ELSE 0 END) "
+        f"  + MAX(CASE WHEN s.step = '{TRANSFER_RESULT}' THEN {_RESULT} ELSE 0 END) "
+        f"  FROM events s WHERE s.session = a.session AND s.event = 'step'), 0) "
+        f"+ (CASE WHEN a.action = '{catalog.WARN.path}' AND EXISTS (SELECT 1 FROM events f "
+        f"  WHERE f.session = a.session AND f.step = '{WARNING_PLAYED}' AND {_FINAL_SQL}) THEN {_FINAL} ELSE 0 END) "
+        f"+ (CASE WHEN a.action = '{_RESULT_PATH}' AND EXISTS (SELECT 1 FROM events f "
+        f"  WHERE f.session = a.session AND f.step = '{TRANSFER_RESULT}' AND {_ANSWERED_SQL}) THEN {_ANSWERED} ELSE 0 END) "
+        f"FROM events a WHERE {{anchor}}{bounds} AND a.action IN ({', '.join('?' * len(paths))})")
+    conn.execute(select.replace("{anchor}", "a.event = 'session_start'"), (*params, *paths))
+    # Sessions that ended before they learned the call (the caller hung up at once): rare.
+    conn.execute(select.replace("{anchor}", "a.event = 'session_end' AND a.linkedid IS NULL"), (*params, *paths))
+
+
+def _kind(action: str, flags: int) -> str:
+    """What `_kind_sql()` says, for a row already grouped."""
+    if action == catalog.WARN.path and flags & _EXHAUSTED:
+        return "end"
+    if action == catalog.WARN.path and flags & _FINAL:
+        return "final_warning"
+    escalation = _ESCALATION_PATHS.get(action)
+    return escalation.kind if escalation is not None else "result"
+
+
+_KIND_BITS = _EXHAUSTED | _FINAL | _TRANSFERRED
+
+
+def _per_day(conn: Connection) -> tuple[dict[date, DayCount], dict[str, int], int]:
+    """Escalations per UTC day and kind; escalations per outcome; transfers that moved nobody."""
+    days: dict[date, DayCount] = {}
+    outcomes: dict[str, int] = {}
+    stayed = 0
+    for day, action, flags, outcome, count in conn.execute(
+            f"SELECT substr(started, 1, 10), action, (flags & {_KIND_BITS}), outcome, COUNT(*) FROM {_SCRATCH} "
+            f"WHERE action <> ? GROUP BY substr(started, 1, 10), action, (flags & {_KIND_BITS}), outcome",
+            (_RESULT_PATH,)):
+        kind, moment, count = _kind(action, flags), date.fromisoformat(day), int(count)
+        counts = days.setdefault(moment, DayCount(moment))
+        setattr(counts, kind, getattr(counts, kind) + count)
+        outcomes[outcome] = outcomes.get(outcome, 0) + count
+        if kind in _TRANSFER_KINDS and not flags & _TRANSFERRED:
+            stayed += count
+    return days, dict(sorted(outcomes.items(), key=lambda item: (-item[1], item[0]))), stayed
+
+
+def _per_agent(conn: Connection) -> list[AgentCount]:
+    """Escalations per agent endpoint and kind, and the calls each agent escalated."""
+    agents: dict[str, AgentCount] = {}
+    for agent, action, flags, count in conn.execute(
+            f"SELECT agent, action, (flags & {_KIND_BITS}), COUNT(*) FROM {_SCRATCH} WHERE action <> ? "
+            f"GROUP BY agent, action, (flags & {_KIND_BITS})", (_RESULT_PATH,)):
+        counts, kind, count = agents.setdefault(agent, AgentCount(agent)), _kind(action, flags), int(count)
+        if kind in ("warning", "final_warning"):
+            counts.warnings += count
+            counts.final_warnings += count if kind == "final_warning" else 0
+        elif kind == "end":
+            counts.ends += count
+        else:
+            setattr(counts, kind, getattr(counts, kind) + count)
+    for agent, calls in conn.execute(
+            f"SELECT agent, COUNT(*) FROM (SELECT DISTINCT agent, call FROM {_SCRATCH} WHERE action <> ?) AS pairs "
+            "GROUP BY agent", (_RESULT_PATH,)):
+        agents[agent].calls = int(calls)
+    return sorted(agents.values(), key=lambda a: (-a.total, -a.calls, a.agent))
+
+
+def _transfer_results(conn: Connection, days: dict[date, DayCount]) -> dict[str, int]:
+    """Match each call's transfer results to its transfers, first come first served, and count
+    them on the transfer's day. A result finds a transfer only if one is still waiting (the
+    queue's length is the running sum less its running minimum below zero); a result whose
+    transfer is before the period is counted nowhere."""
+    results = dict.fromkeys(TRANSFER_RESULTS, 0)
+    transfers = ", ".join(f"'{path}'" for path, e in _ESCALATION_PATHS.items() if e.kind in _TRANSFER_KINDS)
+    order = "PARTITION BY call ORDER BY started, id"
+    outcome = f"CASE WHEN flags IS NULL THEN 'no_result' WHEN (flags & {_ANSWERED}) <> 0 THEN 'answered' ELSE 'fallback' END"
+    rows = conn.execute(
+        f"WITH queue AS (SELECT id, call, started, flags, CASE WHEN action = ? THEN -1 ELSE 1 END AS delta "
+        f"  FROM {_SCRATCH} WHERE (action IN ({transfers}) AND (flags & {_TRANSFERRED}) <> 0) "
+        f"  OR (action = ? AND (flags & {_RESULT}) <> 0)), "
+        f"walk AS (SELECT *, SUM(delta) OVER ({order} ROWS UNBOUNDED PRECEDING) AS level FROM queue), "
+        f"lows AS (SELECT *, MIN(level) OVER ({order} ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS low "
+        f"  FROM walk), "
+        f"kept AS (SELECT * FROM lows WHERE delta = 1 "
+        f"  OR level + 1 - (CASE WHEN COALESCE(low, 0) < 0 THEN low ELSE 0 END) > 0), "
+        # The n-th transfer of a call and the n-th result that found one waiting are a pair.
+        f"paired AS (SELECT MAX(CASE WHEN delta = 1 THEN started END) AS started, "
+        f"  MAX(CASE WHEN delta = -1 THEN flags END) AS flags "
+        f"  FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY call, delta ORDER BY started, id) AS n FROM kept) AS numbered "
+        f"  GROUP BY call, n) "
+        f"SELECT substr(started, 1, 10), {outcome}, COUNT(*) FROM paired "
+        f"GROUP BY substr(started, 1, 10), {outcome}", (_RESULT_PATH, _RESULT_PATH)).fetchall()
+    for day, result, count in rows:
+        results[result] += int(count)
+        if result != "no_result":
+            moment = date.fromisoformat(day)
+            counts = days.setdefault(moment, DayCount(moment))
+            if result == "answered":
+                counts.transfers_answered += int(count)
+            else:
+                counts.transfers_fallback += int(count)
+    return results
+
+
+def _recent_calls(conn: Connection, limit: int) -> tuple[int, list[str]]:
+    """How many calls had an escalation in the period, and the `limit` most recent of them."""
+    rows = conn.execute(
+        f"SELECT call, MIN(started) AS first, COUNT(*) OVER () FROM {_SCRATCH} WHERE action <> ? "
+        f"GROUP BY call ORDER BY first DESC, call DESC LIMIT ?", (_RESULT_PATH, limit)).fetchall()
+    return (int(rows[0][2]) if rows else 0), [row[0] for row in rows]
+
+
+# --- the calls shown: their sessions' events, grouped into ladders ---------------------------
 
 
 @dataclass
@@ -237,7 +408,6 @@ class _Session:
     steps: list[dict[str, Any]] = field(default_factory=list)
     outcome: str = ""
     error: str = ""
-    action_started: bool = False
 
 
 def _utc(moment: datetime | None) -> datetime | None:
@@ -261,63 +431,44 @@ def _str(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _rows(db: Database, since: datetime | None, until: datetime | None) -> Iterable[dict[str, Any]]:
-    """Session events, oldest first. The SQL bounds are a day wider than asked (timestamps are
-    compared as text there); the exact bounds are applied to the parsed times by the caller."""
-    where, params = ["event IN ('session_start', 'step', 'session_end')"], []
-    if since is not None:
-        where.append("ts >= ?")
-        params.append((since - timedelta(days=1)).isoformat())
-    if until is not None:
-        where.append("ts < ?")
-        params.append((until + timedelta(days=1)).isoformat())
-    conn = db.connect()
-    try:
-        cursor = conn.execute(f"SELECT data FROM events WHERE {' AND '.join(where)} ORDER BY id", params)
-        for (data,) in cursor:
-            try:
-                event = json.loads(data)
-            except (TypeError, ValueError):
-                continue
-            if isinstance(event, dict):
-                yield event
-    finally:
-        conn.close()
-
-
-def _sessions(db: Database, since: datetime | None, until: datetime | None) -> list[_Session]:
-    """Events grouped into sessions. Session ids are `<random>-<n>` now, but older trails used
-    `<pid>-<n>`, which a restarted service (PID 1 in a container) reused: so a session is keyed
-    by id *and* channel uniqueid, and a second `session_start` or an event after `session_end`
-    under one key begins a new one."""
-    open_sessions: dict[tuple[str, str], _Session] = {}
-    done: list[_Session] = []
-    for event in _rows(db, since, until):
-        sid = _str(event.get("session"))
-        at = _parse_ts(event.get("ts"))
-        if not sid or at is None:
+def _recent_sessions(conn: Connection, calls: list[str]) -> list[tuple[str, _Session]]:
+    """The sessions of these calls in the period, as (call, session), oldest first."""
+    shown = []
+    for chunk in range(0, len(calls), _CHUNK):
+        keys = calls[chunk:chunk + _CHUNK]
+        shown += conn.execute(
+            f"SELECT session, call, started, action, outcome, id FROM {_SCRATCH} "
+            f"WHERE call IN ({', '.join('?' * len(keys))})", keys).fetchall()
+    shown.sort(key=lambda row: (row[2], row[5]))
+    events: dict[str, list[tuple[str, str]]] = {}
+    for chunk in range(0, len(shown), _CHUNK):
+        ids = [row[0] for row in shown[chunk:chunk + _CHUNK]]
+        for sid, kind, data in conn.execute(
+                f"SELECT session, event, data FROM events WHERE session IN ({', '.join('?' * len(ids))}) "
+                "AND event IN ('session_start', 'step', 'session_end') ORDER BY id", ids):
+            events.setdefault(sid, []).append((kind, data))
+    rows = [(call, sid, started, action, outcome, kind, data)
+            for sid, call, started, action, outcome, _ in shown for kind, data in events.get(sid, [])]
+    sessions: dict[str, tuple[str, _Session]] = {}
+    for call, sid, started, action, outcome, kind, data in rows:
+        if sid not in sessions:
+            sessions[sid] = (call, _Session(id=sid, action=action, started=_parse_ts(started),
+                                            outcome="" if outcome == "unfinished" else outcome))
+        session = sessions[sid][1]
+        try:
+            event = json.loads(data)
+        except (TypeError, ValueError):
             continue
-        if (since is not None and at < since) or (until is not None and at >= until):
+        if not isinstance(event, dict):
             continue
-        key = (sid, _str(event.get("uniqueid")))
-        kind = event.get("event")
-        session = open_sessions.get(key)
-        if session is not None and (kind == "session_start" and session.action_started or session.outcome):
-            done.append(open_sessions.pop(key))
-            session = None
-        if session is None:
-            session = open_sessions[key] = _Session(id=sid, started=at)
-        for name in ("action", "agent", "linkedid", "uniqueid", "caller_number", "caller_name"):
+        for name in ("agent", "linkedid", "uniqueid", "caller_number", "caller_name"):
             if not getattr(session, name) and event.get(name):
                 setattr(session, name, _str(event.get(name)))
-        if kind == "session_start":
-            session.action_started = True
-        elif kind == "step":
+        if kind == "step":
             session.steps.append(event)
         elif kind == "session_end":
-            session.outcome = _str(event.get("outcome")) or "unknown"
             session.error = _str(event.get("error"))
-    return done + list(open_sessions.values())
+    return list(sessions.values())
 
 
 def _step(session: _Session, name: str) -> dict[str, Any] | None:
@@ -358,37 +509,18 @@ def _transfer_result(step: dict[str, Any]) -> tuple[str, str]:
     return "fallback", f"{status.lower()} → {fallback}" if fallback else status.lower()
 
 
-def build_report(
-    db: Database,
-    *,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    now: datetime | None = None,
-) -> Report:
-    """Count the escalations recorded in the store from `since` (inclusive) to `until` (exclusive)."""
-    since, until = _utc(since), _utc(until)
-    now = _utc(now) or datetime.now(timezone.utc)
-
+def _ladders(sessions: list[tuple[str, _Session]]) -> list[Call]:
+    """Sessions grouped into calls, each transfer result attached to the transfer it ended
+    (first come first served, as the counts match them), most recent call first."""
     calls: dict[str, Call] = {}
-    days: dict[date, DayCount] = {}
-    agents: dict[str, AgentCount] = {}
-    agent_calls: dict[str, set[str]] = {}
-    outcomes: dict[str, int] = {}
     pending: dict[str, list[Step]] = {}  # transfers on a call still waiting for their result
-
-    for session in sorted(_sessions(db, since, until), key=lambda s: s.started):
-        escalation = _ESCALATION_PATHS.get(session.action)
-        if escalation is None and session.action != catalog.TRANSFER_RESULT_ACTION.path:
-            continue
-        key = session.linkedid or session.uniqueid or f"session {session.id}"
+    for key, session in sessions:
         call = calls.get(key)
         if call is None:
             call = calls[key] = Call(key=key, linkedid=session.linkedid, started=session.started)
-        if session.caller_number and not call.caller_number:
-            call.caller_number = session.caller_number
-        if session.caller_name and not call.caller_name:
-            call.caller_name = session.caller_name
-
+        call.caller_number = call.caller_number or session.caller_number
+        call.caller_name = call.caller_name or session.caller_name
+        escalation = _ESCALATION_PATHS.get(session.action)
         if escalation is None:  # a transfer's result, from the transferred caller's hangup handler
             recorded = _step(session, TRANSFER_RESULT)
             if recorded is None:
@@ -398,47 +530,26 @@ def build_report(
             if waiting:
                 transfer = waiting.pop(0)
                 transfer.result, transfer.result_label = result, result_label
-                day = days.setdefault(transfer.at.date(), DayCount(transfer.at.date()))
-                if result == "answered":
-                    day.transfers_answered += 1
-                else:
-                    day.transfers_fallback += 1
-            else:  # its transfer is before the period: show it, count nothing
+            else:  # its transfer is before the period
                 target = _str(recorded.get("target")) or "transfer"
                 call.steps.append(Step(kind="result", label=f"{target} result", at=session.started,
                                        agent="", outcome="completed", result=result, result_label=result_label))
             continue
-
         step = _escalation(session, escalation)
+        if not call.steps or all(s.kind == "result" for s in call.steps):
+            call.started = step.at
         call.steps.append(step)
-        if step.kind in ("supervisor", "colleague") and step.transferred:
+        if step.kind in _TRANSFER_KINDS and step.transferred:
             pending.setdefault(key, []).append(step)
-        outcomes[step.outcome] = outcomes.get(step.outcome, 0) + 1
-        day = days.setdefault(step.at.date(), DayCount(step.at.date()))
-        setattr(day, step.kind, getattr(day, step.kind) + 1)
-
         agent = step.agent or "(unknown agent)"
         if agent not in call.agents:
             call.agents.append(agent)
-        counts = agents.setdefault(agent, AgentCount(agent))
-        agent_calls.setdefault(agent, set()).add(key)
-        if step.kind in ("warning", "final_warning"):
-            counts.warnings += 1
-            counts.final_warnings += step.kind == "final_warning"
-        elif step.kind == "end":
-            counts.ends += 1
-        else:
-            setattr(counts, step.kind, getattr(counts, step.kind) + 1)
-
-    for agent, keys in agent_calls.items():
-        agents[agent].calls = len(keys)
-    transfer_results = dict.fromkeys(TRANSFER_RESULTS, 0)
-    for call in calls.values():
-        for step in call.steps:
-            if step.kind in ("supervisor", "colleague"):
-                transfer_results[step.result or ("no_result" if step.transferred else "not_transferred")] += 1
-
     escalated = [call for call in calls.values() if any(s.kind != "result" for s in call.steps)]
+    return sorted(escalated, key=lambda c: (c.started, c.key), reverse=True)
+
+
+def _day_range(days: dict[date, DayCount], since: datetime | None, until: datetime | None,
+               now: datetime) -> tuple[date | None, date | None, list[DayCount]]:
     first_day = since.date() if since else (min(days) if days else None)
     if until is not None:
         last_day = (until - timedelta(microseconds=1)).date()
@@ -450,7 +561,37 @@ def build_report(
         while current <= last_day:
             day_list.append(days.get(current, DayCount(current)))
             current += timedelta(days=1)
+    return first_day, last_day, day_list
 
+
+def build_report(
+    db: Database,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    now: datetime | None = None,
+    console_url: str | None = None,
+    calls_shown: int = CALLS_SHOWN,
+) -> Report:
+    """Count the escalations recorded in the store from `since` (inclusive) to `until`
+    (exclusive), and read the ladders of the `calls_shown` most recent calls."""
+    since, until = _utc(since), _utc(until)
+    now = _utc(now) or datetime.now(timezone.utc)
+    conn = db.connect()
+    try:
+        if not _has_events(conn):
+            days, agents, outcomes, transfers, count, calls = {}, [], {}, dict.fromkeys(TRANSFER_RESULTS, 0), 0, []
+        else:
+            _collect(conn, as_ts(since) if since else None, as_ts(until) if until else None)
+            days, outcomes, stayed = _per_day(conn)
+            agents = _per_agent(conn)
+            transfers = _transfer_results(conn, days)
+            transfers["not_transferred"] = stayed
+            count, keys = _recent_calls(conn, calls_shown)
+            calls = _ladders(_recent_sessions(conn, keys))
+    finally:
+        conn.close()
+    first_day, last_day, day_list = _day_range(days, since, until, now)
     return Report(
         since=since,
         until=until,
@@ -458,11 +599,20 @@ def build_report(
         first_day=first_day,
         last_day=last_day,
         days=day_list,
-        agents=sorted(agents.values(), key=lambda a: (-a.total, -a.calls, a.agent)),
-        outcomes=dict(sorted(outcomes.items(), key=lambda item: (-item[1], item[0]))),
-        transfer_results=transfer_results,
-        calls=sorted(escalated, key=lambda c: (c.started, c.key), reverse=True),
+        agents=agents,
+        outcomes=outcomes,
+        transfer_results=transfers,
+        calls=calls,
+        call_count=count,
+        console_url=console_url.rstrip("/") if console_url else None,
     )
+
+
+def _has_events(conn: Connection) -> bool:
+    """False for a store whose schema was never created (an empty file)."""
+    if conn.kind == "sqlite":
+        return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'").fetchone() is not None
+    return conn.execute("SELECT to_regclass('events')").fetchone()[0] is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -654,6 +804,14 @@ def _ladder_html(call: Call) -> str:
     return '<span class="arrow">→</span>'.join(chips)
 
 
+def _call_link(report: Report, call: Call) -> str:
+    """The call's linkedid, as a link to its page in the console when `[console] url` is set."""
+    if not report.console_url or not call.linkedid:
+        return _esc(call.linkedid)
+    href = f"{report.console_url}/calls/{quote(call.linkedid, safe='')}"
+    return f'<a href="{_esc(href)}">{_esc(call.linkedid)}</a>'
+
+
 def _calls_table(report: Report) -> str:
     rows = []
     for call in report.calls[:CALLS_SHOWN]:
@@ -661,7 +819,7 @@ def _calls_table(report: Report) -> str:
         name = f'<div class="sub"><bdi>{_esc(call.caller_name)}</bdi></div>' if call.caller_name else ""
         rows.append(
             "<tr>"
-            f'<td class="when">{call.started:%Y-%m-%d %H:%M}<div class="sub mono">{_esc(call.linkedid)}</div></td>'
+            f'<td class="when">{call.started:%Y-%m-%d %H:%M}<div class="sub mono">{_call_link(report, call)}</div></td>'
             f'<td class="caller"><bdi class="mono">{_esc(call.caller_number) or "—"}</bdi>{name}</td>'
             f'<td class="agent mono">{"<br>".join(_esc(a) for a in call.agents)}</td>'
             f'<td class="ladder">{_ladder_html(call)}</td>'
@@ -669,9 +827,13 @@ def _calls_table(report: Report) -> str:
             "</tr>"
         )
     shown = len(rows)
-    note = (f'<p class="note">Showing the {shown} most recent of {len(report.calls)} calls; '
-            f'use <code>calmline report --days</code> for a shorter period.</p>'
-            if len(report.calls) > shown else "")
+    if report.call_count > shown:
+        where = (f'open <a href="{_esc(report.console_url)}/calls">the console</a> to find any call, or use '
+                 if report.console_url else "use ")
+        note = (f'<p class="note">Showing the {shown} most recent of {report.call_count} calls; '
+                f'{where}<code>calmline report --days</code> for a shorter period.</p>')
+    else:
+        note = ""
     return (
         f'{note}<table class="calls"><thead><tr><th>Started (UTC)</th><th>Caller</th><th>Agent</th>'
         f'<th>What happened</th><th>Outcome</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
@@ -783,7 +945,7 @@ def render_html(report: Report) -> str:
     transfers = report.transfer_results
     tiles = (
         '<div class="tiles">'
-        + _tile(len(report.calls), "calls escalated", _plural(report.escalations, "key press", "key presses"))
+        + _tile(report.call_count, "calls escalated", _plural(report.escalations, "key press", "key presses"))
         + _tile(totals.warnings, "warnings", f"{totals.final_warning} final")
         + _tile(totals.transfers, "transfers",
                 f"{transfers['answered']} answered, {transfers['fallback']} to fallback")
