@@ -21,7 +21,7 @@ TRANSCRIPTS = SHARED / "transcripts"
 DEAD_OK = {"EXEC", "GET FULL VARIABLE", "GET VARIABLE", "SET VARIABLE", "VERBOSE", "NOOP",
            "DATABASE GET", "DATABASE PUT", "DATABASE DEL", "DATABASE DELTREE", "ASYNCAGI BREAK"}
 KNOWN_APPS = {"ChannelRedirect", "Set", "CELGenUserEvent", "UserEvent", "Playback", "Wait",
-              "Verbose", "NoOp", "Hangup", "StartMusicOnHold", "StopMusicOnHold"}
+              "Verbose", "NoOp", "Hangup", "StartMusicOnHold", "StopMusicOnHold", "Originate"}
 
 USAGE = {
     "STREAM FILE": [

@@ -161,7 +161,7 @@ def test_builtin_feature_codes_clash_too(tmp_path, listening):
     result = calmline("-c", str(tmp_path / "calmline.toml"), "check", "--features-conf", str(conf), cwd=tmp_path)
     keys = [line.split(" clashes with ")[1].split(" = ")[0] for line in problems(result)]
     assert keys == ["warn.code", "transfer.supervisor.code", "transfer.colleague.code",
-                    "transfer.colleague_keyed.code", "end.code"]
+                    "transfer.colleague_keyed.code", "end.code", "listen.code"]
 
 
 def test_features_conf_without_the_include(tmp_path, listening):
@@ -306,7 +306,7 @@ def test_check_against_the_lab_asterisk(lab, tmp_path):
     # the lab's own config: features rendered from it, loaded by Asterisk, service running
     ok = _check_lab(lab, lab.config_path)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "ok: Asterisk at 127.0.0.1:15038 has all 5 calmline features loaded with the configured codes" in ok.stdout
+    assert "ok: Asterisk at 127.0.0.1:15038 has all 6 calmline features loaded with the configured codes" in ok.stdout
 
     # a config whose warn code differs from what Asterisk loaded
     other = tmp_path / "other.toml"

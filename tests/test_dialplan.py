@@ -220,7 +220,7 @@ def test_codes_asterisk_would_confuse_are_config_errors(tmp_path, toml, expected
 
 def test_a_disabled_action_does_not_reserve_its_code():
     cfg = config_module.parse('[end]\nenabled = false\ncode = "*12"\n')
-    assert [f.code for f in catalog.features(cfg)] == ["*1", "*3", "*4", "*5"]
+    assert [f.code for f in catalog.features(cfg)] == ["*1", "*3", "*4", "*5", "*6"]
     with pytest.raises(ConfigError):
         config_module.parse('[end]\nenabled = true\ncode = "*12"\n')
 

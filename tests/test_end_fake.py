@@ -76,7 +76,8 @@ def test_end_marks_queues_plays_hangs_up_then_mails(serving, smtp):
     ]
     assert [commands.index(c) for c in order] == sorted(commands.index(c) for c in order)
     steps = [e["step"] for e in svc.events(event="step")]
-    assert steps == ["callback_queued", "call_marked", "closing_prompt_played", "caller_hung_up_by_agent"]
+    assert steps == ["callback_queued", "call_marked", "alert_user_event", "closing_prompt_played",
+                     "caller_hung_up_by_agent"]
     assert svc.events(event="session_end")[0]["outcome"] == "completed"
     recipients = sorted(rcpt[0] for rcpt, _ in smtp.messages)
     assert recipients == ["bob@example.org", "team@example.com"]

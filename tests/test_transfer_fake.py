@@ -31,7 +31,7 @@ def test_transfer_labels_the_caller_then_redirects(serving, path, exten, prompt)
     assert channel.variables["CALMLINE_XFER_BY"] == "Local/warnscn@sim-agent-00000017;1"
     assert ("ChannelRedirect", f"{channel.name},calmline-transfer,{exten},1") in channel.apps_run
     steps = [e["step"] for e in svc.events(event="step")]
-    assert steps == ["transfer_prompt_played", "caller_transferred"]
+    assert steps == ["transfer_prompt_played", "alert_user_event", "caller_transferred"]
     end = svc.events(event="session_end")[0]
     # The redirect takes the channel away from the AGI: that is success, not a hangup.
     assert end["outcome"] == "completed"

@@ -346,6 +346,45 @@ class MailConfig(Section):
         return self.password
 
 
+class ListenConfig(Section):
+    """Summon a supervisor to listen in: ring `dial`, then ChanSpy on the agent in whisper mode."""
+
+    enabled: StrictBool = True
+    code: DTMFCode = "*6"
+    dial: DialTarget = "Local/supervisor@calmline-example-targets"
+    ring_seconds: StrictInt = Field(20, ge=5, le=300)
+    context: Context = "calmline-listen"
+    unanswered_prompt: Prompt = "calmline/listen-unanswered"
+
+
+_WEBHOOK_URL = re.compile(r"^https?://[A-Za-z0-9.\[\]:-]{1,260}(/[\x21-\x7e]*)?$")
+
+
+def _webhook_url(value: str) -> str:
+    if not _WEBHOOK_URL.match(value) or "@" in value.split("/", 3)[2]:
+        raise ValueError(
+            "a webhook URL is http:// or https:// followed by a host and an optional path, "
+            "without spaces or credentials (e.g. \"https://hooks.example.com/calmline\")"
+        )
+    return value
+
+
+class AlertConfig(Section):
+    """Live alert at the final warning, a transfer and an end: an AMI UserEvent and webhooks."""
+
+    enabled: StrictBool = True
+    user_event: StrictBool = True
+    urls: list[Annotated[str, AfterValidator(_webhook_url)]] = Field(default_factory=list, max_length=20)
+    secret_env: Variable = "CALMLINE_ALERT_SECRET"
+    timeout: StrictFloat = Field(5.0, gt=0, le=60)
+    retry_initial_seconds: StrictFloat = Field(5.0, gt=0)
+    retry_max_seconds: StrictFloat = Field(3600.0, gt=0)
+    max_attempts: StrictInt = Field(100, ge=1)
+
+    def resolved_secret(self) -> str | None:
+        return os.environ.get(self.secret_env) or None
+
+
 class DialplanConfig(Section):
     agent_context: Context = "calmline-agent"
     moh_class: Annotated[str, AfterValidator(_moh_class)] | None = "default"
@@ -449,6 +488,8 @@ class Config(Section):
     warn: WarnConfig = WarnConfig()
     transfer: TransferConfig = TransferConfig()
     end: EndConfig = EndConfig()
+    listen: ListenConfig = ListenConfig()
+    alert: AlertConfig = AlertConfig()
     mail: MailConfig = MailConfig()
     dialplan: DialplanConfig = DialplanConfig()
     prompts: PromptsConfig = PromptsConfig()
@@ -498,6 +539,8 @@ class Config(Section):
             names.append("calmline/transfer-unavailable")  # the rendered fallback plays it
         if self.end.enabled:
             names.append(self.end.prompt)
+        if self.listen.enabled:
+            names.append(self.listen.unanswered_prompt)
         names += ["calmline/record-intro", "calmline/record-saved"]  # the admin's recording line
         return list(dict.fromkeys(names))
 

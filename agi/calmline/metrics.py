@@ -28,37 +28,43 @@ COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 class OutboxCollector(Collector):
     """The callback backlog, read from the store at scrape time on a connection of its own."""
 
-    def __init__(self, db: Database, clock: Callable[[], float] = time.time):
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time, *, mail: bool = True):
         self._db = db
+        self._mail = mail
         self._clock = clock
         self._lock = threading.Lock()
         self._conn: Connection | None = None
 
-    def _read(self) -> tuple[int, int, float | None]:
+    def _read(self, table: str) -> tuple[int, int, float | None]:
         if self._conn is None:
             self._conn = self._db.connect()
         pending, oldest = self._conn.execute(
-            "SELECT COUNT(*), MIN(queued_at) FROM outbox WHERE status = 'pending'").fetchone()
-        (failed,) = self._conn.execute("SELECT COUNT(*) FROM outbox WHERE status = 'failed'").fetchone()
+            f"SELECT COUNT(*), MIN(queued_at) FROM {table} WHERE status = 'pending'").fetchone()
+        (failed,) = self._conn.execute(f"SELECT COUNT(*) FROM {table} WHERE status = 'failed'").fetchone()
         return pending, failed, oldest
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         pending = GaugeMetricFamily(
-            "calmline_outbox_pending", "Messages waiting to be sent (callback mail).", labels=["channel"])
+            "calmline_outbox_pending", "Messages waiting to be sent (callback mail, alert webhooks).",
+            labels=["channel"])
         failed = GaugeMetricFamily(
-            "calmline_outbox_failed", "Messages given up on after mail.max_attempts.", labels=["channel"])
+            "calmline_outbox_failed", "Messages given up on after mail.max_attempts or alert.max_attempts.",
+            labels=["channel"])
         age = GaugeMetricFamily(
             "calmline_outbox_oldest_pending_age_seconds",
             "Age of the oldest message still waiting to be sent; 0 when none waits.", labels=["channel"])
+        tables = ([("mail", "outbox")] if self._mail else []) + [("webhook", "webhooks")]
         with self._lock:
             try:
-                count, given_up, oldest = self._read()
+                read = [(channel, self._read(table)) for channel, table in tables]
             except DATABASE_ERRORS:
                 self.close()
                 return  # no sample beats a wrong one (an absent series alerts as such)
-        pending.add_metric(["mail"], count)
-        failed.add_metric(["mail"], given_up)
-        age.add_metric(["mail"], max(0.0, self._clock() - oldest) if oldest is not None else 0.0)
+        now = self._clock()
+        for channel, (count, given_up, oldest) in read:
+            pending.add_metric([channel], count)
+            failed.add_metric([channel], given_up)
+            age.add_metric([channel], max(0.0, now - oldest) if oldest is not None else 0.0)
         yield from (pending, failed, age)
 
     def close(self) -> None:
@@ -97,8 +103,8 @@ class Metrics:
         self._http = None
         self._outbox: OutboxCollector | None = None
 
-    def watch_outbox(self, db: Database) -> None:
-        self._outbox = OutboxCollector(db)
+    def watch_outbox(self, db: Database, *, mail: bool = True) -> None:
+        self._outbox = OutboxCollector(db, mail=mail)
         self.registry.register(self._outbox)
 
     # --- hooks ---

@@ -23,6 +23,8 @@ from calmline.errors import ConfigError, StoreError
 from calmline.store import DATABASE_ERRORS, Database, reason
 from calmline.callback.mail import OutboxWorker
 from calmline.callback.outbox import Outbox
+from calmline.callback.webhooks import WebhookOutbox, WebhookWorker
+from calmline.actions.alert import Alerter
 from calmline.fastagi.server import FastAGIServer
 from calmline.lines import LineSink
 from calmline import reload as reloading
@@ -32,9 +34,12 @@ if TYPE_CHECKING:
     from calmline.metrics import Metrics
 
 
-def build_registry(config: Config, outbox: Outbox | None = None, worker: OutboxWorker | None = None) -> Registry:
-    """Every action the config enables, at its path in the catalog, wired to the outbox."""
-    wiring = catalog.Wiring(outbox, worker.wake if worker else (lambda: None))
+def build_registry(config: Config, outbox: Outbox | None = None, worker: OutboxWorker | None = None,
+                   webhooks: WebhookWorker | None = None) -> Registry:
+    """Every action the config enables, at its path in the catalog, wired to the outboxes."""
+    alert = Alerter(lambda: config.alert, webhooks.outbox if webhooks else None,
+                    webhooks.wake if webhooks else (lambda: None))
+    wiring = catalog.Wiring(outbox, worker.wake if worker else (lambda: None), alert)
     registry = Registry()
     for spec in catalog.enabled(config):
         registry.add(spec.path, spec.build(config, wiring), runs_on=spec.runs_on,
@@ -53,7 +58,9 @@ class Service:
     address: tuple[str, int] | None = None
     metrics: Metrics | None = None
     metrics_address: tuple[str, int] | None = None
+    webhooks: WebhookWorker | None = None
     _worker_task: asyncio.Task | None = None
+    _webhook_task: asyncio.Task | None = None
     _retention_task: asyncio.Task | None = None
     _retention_wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -72,6 +79,8 @@ class Service:
             ]) from None
         if self.worker is not None:
             self._worker_task = asyncio.create_task(self.worker.run(), name="calmline-mail")
+        if self.webhooks is not None:
+            self._webhook_task = asyncio.create_task(self.webhooks.run(), name="calmline-webhooks")
         # keep_days is asked each round; a reload that changes it starts one at once.
         self._retention_task = asyncio.create_task(
             retention.schedule(self.store.db, lambda: self.config.audit.keep_days, self.audit,
@@ -93,7 +102,7 @@ class Service:
             new, problems = None, exc.problems
         if not problems:
             try:
-                registry = build_registry(new, self.outbox, self.worker)
+                registry = build_registry(new, self.outbox, self.worker, self.webhooks)
             except ConfigError as exc:
                 problems = exc.problems
         running = reloading.fingerprint(old)
@@ -109,6 +118,8 @@ class Service:
         self.server.swap(new, registry)
         if self.worker is not None:
             self.worker.cfg = new.mail
+        if self.webhooks is not None:
+            self.webhooks.cfg = new.alert
         self.config = new
         if self.metrics is not None:
             self.metrics.config_in_use(reloading.fingerprint(new), registry.paths())
@@ -138,8 +149,13 @@ class Service:
         if self.worker is not None and self._worker_task is not None:
             await self.worker.stop()
             await self._worker_task
+        if self.webhooks is not None and self._webhook_task is not None:
+            await self.webhooks.stop()
+            await self._webhook_task
         if self.outbox is not None:
             self.outbox.close()
+        if self.webhooks is not None:
+            self.webhooks.outbox.close()
         self.store.close()
         if self.metrics is not None:
             self.metrics.close()
@@ -164,7 +180,13 @@ def build(config: Config, *, stdout: TextIO | None = sys.stdout) -> Service:
             raise StoreError(f"store.url: cannot open the outbox in {db.where}: {reason(exc)}") from None
         if config.mail.enabled:
             worker = OutboxWorker(outbox, config.mail)
-    registry = build_registry(config, outbox, worker)
+    try:
+        # Always there (a reload may add alert.urls); it sleeps while nothing is queued.
+        webhooks = WebhookWorker(WebhookOutbox(db), config.alert)
+    except DATABASE_ERRORS as exc:
+        store.close()
+        raise StoreError(f"store.url: cannot open the webhook outbox in {db.where}: {reason(exc)}") from None
+    registry = build_registry(config, outbox, worker, webhooks)
     server = FastAGIServer(config, registry, audit)
     metrics = None
     if config.metrics.enabled:
@@ -177,9 +199,8 @@ def build(config: Config, *, stdout: TextIO | None = sys.stdout) -> Service:
         server.on_refused = metrics.connection_refused
         store.on_commit = metrics.committed
         store.on_error = metrics.store_failed
-        if outbox is not None:
-            metrics.watch_outbox(db)
-    return Service(config, store, audit, server, outbox, worker, metrics=metrics)
+        metrics.watch_outbox(db, mail=outbox is not None)
+    return Service(config, store, audit, server, outbox, worker, metrics=metrics, webhooks=webhooks)
 
 
 def tune_gc() -> None:

@@ -18,6 +18,7 @@ from functools import reduce
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    from calmline.actions.alert import Alerter
     from calmline.callback.outbox import Outbox
     from calmline.config import Config
     from calmline.fastagi.contract import Action, RunsOn
@@ -35,6 +36,12 @@ CALLBACK_NOT_QUEUED = "callback_not_queued"
 CALL_MARKED = "call_marked"
 CLOSING_PROMPT_PLAYED = "closing_prompt_played"
 CALLER_HUNG_UP_BY_AGENT = "caller_hung_up_by_agent"
+LISTEN_REQUESTED = "listen_requested"
+LISTEN_ANSWERED = "listen_answered"
+LISTEN_ENDED = "listen_ended"
+ALERT_QUEUED = "alert_queued"
+ALERT_NOT_QUEUED = "alert_not_queued"
+ALERT_USER_EVENT = "alert_user_event"
 
 # What the hangup handler of a transferred caller reads (the rendered dialplan sets them).
 TRANSFER_RESULT_READS = ("CALMLINE_XFER_STATUS", "DIALSTATUS", "CALMLINE_XFER_TARGET",
@@ -43,10 +50,12 @@ TRANSFER_RESULT_READS = ("CALMLINE_XFER_STATUS", "DIALSTATUS", "CALMLINE_XFER_TA
 
 @dataclass(frozen=True)
 class Wiring:
-    """What actions need beyond the config: the outbox End commits to, and how to wake its worker."""
+    """What actions need beyond the config: the outbox End commits to, how to wake its worker,
+    and the alerter that raises escalations (the webhooks' outbox and the AMI UserEvent)."""
 
     outbox: Outbox | None = None
     wake: Callable[[], None] = lambda: None
+    alert: Alerter | None = None
 
 
 @dataclass(frozen=True)
@@ -105,7 +114,8 @@ def _build_end(c: Config, w: Wiring) -> Action:
     from calmline.actions.end import End
 
     return End(c.end, counter_variable=c.warn.counter_variable,
-               email_variable=c.mail.caller_email_variable, outbox=w.outbox, wake=w.wake)
+               email_variable=c.mail.caller_email_variable, outbox=w.outbox, wake=w.wake,
+               alert=w.alert)
 
 
 def _warn_delegates(c: Config) -> bool:
@@ -115,7 +125,7 @@ def _warn_delegates(c: Config) -> bool:
 def _build_warn(c: Config, w: Wiring) -> Action:
     from calmline.actions.warn import Warn
 
-    return Warn(c.warn, _build_end(c, w) if _warn_delegates(c) else None)
+    return Warn(c.warn, _build_end(c, w) if _warn_delegates(c) else None, alert=w.alert)
 
 
 def _build_transfer(name: str) -> Callable[[Config, Wiring], Action]:
@@ -123,7 +133,7 @@ def _build_transfer(name: str) -> Callable[[Config, Wiring], Action]:
         from calmline.actions.transfer import Transfer
 
         t = c.transfer
-        return Transfer(name, getattr(t, name), t.context, c.warn.counter_variable)
+        return Transfer(name, getattr(t, name), t.context, c.warn.counter_variable, alert=w.alert)
 
     return build
 
@@ -132,7 +142,8 @@ def _build_keyed(c: Config, w: Wiring) -> Action:
     from calmline.actions.transfer import KeyedColleagueTransfer
 
     t = c.transfer
-    return KeyedColleagueTransfer(t.colleague_keyed, t.colleague, t.context)
+    return KeyedColleagueTransfer(t.colleague_keyed, t.colleague, t.context, alert=w.alert,
+                                  counter_variable=c.warn.counter_variable)
 
 
 def _build_transfer_result(c: Config, w: Wiring) -> Action:
@@ -190,7 +201,43 @@ TRANSFER_RESULT_ACTION = ActionSpec(
     dead_ok=True,
 )
 
-ACTIONS: tuple[ActionSpec, ...] = (WARN, SUPERVISOR, COLLEAGUE, COLLEAGUE_KEYED, END, TRANSFER_RESULT_ACTION)
+
+
+def _build_listen(c: Config, w: Wiring) -> Action:
+    from calmline.actions.listen import Listen
+
+    return Listen(c.listen)
+
+
+def _build_listen_result(c: Config, w: Wiring) -> Action:
+    from calmline.actions.listen import ListenResult
+
+    return ListenResult()
+
+
+def _listen_result_reads(c: Config) -> tuple[str, ...]:
+    from calmline.actions.listen import LISTEN_RESULT_READS
+
+    return LISTEN_RESULT_READS
+
+
+LISTEN = ActionSpec(
+    name="calmline_listen", path="listen", code_key="listen.code", runs_on="agent",
+    enabled=lambda c: c.listen.enabled,
+    reads=lambda c: (),
+    build=_build_listen,
+)
+# Not a keypad code: the rendered listen context runs it on answer and when the listen-in ends.
+LISTEN_RESULT_ACTION = ActionSpec(
+    name="calmline_listen_result", path="listen/result", code_key=None, runs_on="agent",
+    enabled=lambda c: c.listen.enabled,
+    reads=_listen_result_reads,
+    build=_build_listen_result,
+    dead_ok=True,
+)
+
+ACTIONS: tuple[ActionSpec, ...] = (WARN, SUPERVISOR, COLLEAGUE, COLLEAGUE_KEYED, END, TRANSFER_RESULT_ACTION,
+                                   LISTEN, LISTEN_RESULT_ACTION)
 
 
 def enabled(config: Config) -> list[ActionSpec]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from calmline.actions.catalog import (
     CALL_MARKED,
@@ -22,6 +23,9 @@ from calmline.fastagi.contract import ActionContext, parse_count
 from calmline.config import EndConfig
 from calmline.errors import ApplicationMissing, PromptMissing
 from calmline.callback.outbox import CallbackRequest, Outbox
+
+if TYPE_CHECKING:
+    from calmline.actions.alert import Alerter
 
 CEL_EVENT = "CALMLINE_ENDED"
 
@@ -37,12 +41,14 @@ class End:
         email_variable: str,
         outbox: Outbox | None,
         wake: Callable[[], None] = lambda: None,
+        alert: Alerter | None = None,
     ):
         self._config = config
         self._counter = counter_variable
         self._email = email_variable
         self._outbox = outbox
         self._wake = wake
+        self._alert = alert
 
     async def run(self, context: ActionContext) -> str:
         cfg, channel = self._config, context.channel
@@ -57,6 +63,8 @@ class End:
             except ApplicationMissing as exc:
                 context.audit.problem("cel_mark_failed", error=str(exc))
             await context.audit.step(CALL_MARKED, cdr_userfield=cfg.cdr_userfield, cel_event=CEL_EVENT)
+            if self._alert is not None:
+                await self._alert.escalate(context, "end", warnings)
             try:
                 await channel.stream_file(cfg.prompt)
                 await context.audit.step(CLOSING_PROMPT_PLAYED, prompt=cfg.prompt)

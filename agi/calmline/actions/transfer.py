@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from calmline.actions.catalog import (
     CALLER_TRANSFERRED,
@@ -22,6 +23,9 @@ from calmline.fastagi.channel import channel_argument
 from calmline.config import ColleagueKeyedConfig, TransferTarget
 from calmline.errors import CalmlineError
 
+if TYPE_CHECKING:
+    from calmline.actions.alert import Alerter
+
 _DIGITS = re.compile(r"^[0-9]{1,20}$")
 
 
@@ -34,11 +38,13 @@ class InvalidExtension(CalmlineError):
 class Transfer:
     """Run on the caller's channel (feature `peer`): prompt, label, redirect."""
 
-    def __init__(self, name: str, target: TransferTarget, context: str, counter_variable: str):
+    def __init__(self, name: str, target: TransferTarget, context: str, counter_variable: str,
+                 *, alert: Alerter | None = None):
         self._name = name
         self._target = target
         self._context = context
         self._counter = counter_variable
+        self._alert = alert
 
     async def run(self, context: ActionContext) -> str:
         channel, target = context.channel, self._target
@@ -55,6 +61,8 @@ class Transfer:
         for name, value in labels.items():
             # `__` makes them inherited by the target's channel too (screen pops, whisper).
             await channel.set_variable("__" + name, value)
+        if self._alert is not None:  # before the redirect takes the channel from this session
+            await self._alert.escalate(context, "transfer", int(labels["CALMLINE_XFER_WARNINGS"]), self._name)
         await channel.redirect(self._context, self._name)
         await context.audit.step(
             CALLER_TRANSFERRED, target=self._name, dial=target.dial, reason=target.reason,
@@ -67,10 +75,13 @@ class KeyedColleagueTransfer:
     """Run on the agent's own channel (feature `self`): the agent keys the colleague's
     extension; only a valid entry moves the caller, anything else leaves the call as it was."""
 
-    def __init__(self, config: ColleagueKeyedConfig, target: TransferTarget, context: str):
+    def __init__(self, config: ColleagueKeyedConfig, target: TransferTarget, context: str,
+                 *, alert: Alerter | None = None, counter_variable: str = "CALMLINE_WARNINGS"):
+        self._counter = counter_variable
         self._config = config
         self._target = target
         self._context = context
+        self._alert = alert
         self._pattern = re.compile(config.pattern)
 
     async def run(self, context: ActionContext) -> str:
@@ -91,6 +102,10 @@ class KeyedColleagueTransfer:
             ("CALMLINE_XFER_AT", datetime.now(timezone.utc).isoformat(timespec="seconds")),
         ):
             await channel.set_variable_on(caller, "__" + name, value)
+        if self._alert is not None:
+            # The warnings count lives on the caller's channel (IMPORT is in func_logic).
+            warnings = parse_count(await channel.evaluate(f"${{IMPORT({caller},{self._counter})}}")) or 0
+            await self._alert.escalate(context, "transfer", warnings, f"colleague {keyed}")
         await channel.redirect(self._context, f"k{keyed}", other=caller)
         await context.audit.step(CALLER_TRANSFERRED, target="colleague_keyed", extension=keyed,
                                  caller_channel=context.call.caller_channel)

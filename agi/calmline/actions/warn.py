@@ -6,18 +6,24 @@ knows how many warnings this caller has had.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from calmline.actions.catalog import LADDER_EXHAUSTED, WARNING_PLAYED
 from calmline.fastagi.contract import Action, ActionContext, parse_count
 from calmline.config import WarnConfig
+
+if TYPE_CHECKING:
+    from calmline.actions.alert import Alerter
 
 
 class Warn:
     """Escalating warnings: stage 1, stage 2 (final), then repeat the last, or run `end`
     (given when `after_last = "end"`)."""
 
-    def __init__(self, config: WarnConfig, end: Action | None = None):
+    def __init__(self, config: WarnConfig, end: Action | None = None, *, alert: Alerter | None = None):
         self._config = config
         self._end = end
+        self._alert = alert
 
     async def run(self, context: ActionContext) -> str:
         counter = self._config.counter_variable
@@ -44,4 +50,6 @@ class Warn:
             prompt=prompt,
         )
         await context.channel.set_variable(counter, str(stage))
+        if stage == len(stages) and self._alert is not None:
+            await self._alert.escalate(context, "final_warning", stage)
         return "completed"

@@ -313,16 +313,22 @@ _LOCAL_TARGET = re.compile(r"^Local/([^@/]+)@([^/]+?)(?:/n)?$")
 
 
 def _target_commands(cfg: Config) -> dict[str, str]:
-    """`dialplan show` commands for what the transfers need, with the key each checks."""
-    if not cfg.transfer.enabled:
-        return {}
-    t = cfg.transfer
-    wanted = {f"dialplan show {t.context}": "transfer.context"}
-    for name, target in (("supervisor", t.supervisor), ("colleague", t.colleague)):
-        for key, dial in ((f"transfer.{name}.dial", target.dial), (f"transfer.{name}.fallback_dial", target.fallback_dial)):
-            match = _LOCAL_TARGET.match(dial or "")
-            if match:
-                wanted[f"dialplan show {match.group(1)}@{match.group(2)}"] = key
+    """`dialplan show` commands for what the transfers and the listen-in need, with the key
+    each checks."""
+    wanted: dict[str, str] = {}
+    if cfg.transfer.enabled:
+        t = cfg.transfer
+        wanted[f"dialplan show {t.context}"] = "transfer.context"
+        for name, target in (("supervisor", t.supervisor), ("colleague", t.colleague)):
+            for key, dial in ((f"transfer.{name}.dial", target.dial), (f"transfer.{name}.fallback_dial", target.fallback_dial)):
+                match = _LOCAL_TARGET.match(dial or "")
+                if match:
+                    wanted[f"dialplan show {match.group(1)}@{match.group(2)}"] = key
+    if cfg.listen.enabled:
+        wanted[f"dialplan show {cfg.listen.context}"] = "listen.context"
+        match = _LOCAL_TARGET.match(cfg.listen.dial)
+        if match:
+            wanted.setdefault(f"dialplan show {match.group(1)}@{match.group(2)}", "listen.dial")
     return wanted
 
 
@@ -333,11 +339,12 @@ def _compare_targets(cfg: Config, outputs: dict[str, list[str]], where: str) -> 
         if any("There is no existence" in line for line in lines):
             what = command.removeprefix("dialplan show ")
             fix = ("render and include calmline-extensions.conf, then `dialplan reload`"
-                   if key == "transfer.context" else "point it at an extension that exists, or create it")
+                   if key in ("transfer.context", "listen.context")
+                   else "point it at an extension that exists, or create it")
             problems.append(f"{key}: Asterisk at {where} has no dialplan for {what!r}; {fix}")
         else:
             checked += 1
-    notes = [f"Asterisk at {where} has the dialplan the transfers ring ({checked} checked)"] if checked and not problems else []
+    notes = [f"Asterisk at {where} has the dialplan the transfers and the listen-in ring ({checked} checked)"] if checked and not problems else []
     return problems, notes
 
 

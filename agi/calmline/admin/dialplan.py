@@ -81,6 +81,48 @@ def _transfer_extension(config: Config, exten: str, target: TransferTarget, dial
     return lines
 
 
+def _listen_contexts(config: Config) -> list[str]:
+    """Listen-in: calmline originates Local/<agent uniqueid>@<context>-spy/n from the agent's
+    channel; that half spies, the other rings the supervisor (or plays the agent a prompt)."""
+    from calmline.actions.listen import spy_context
+
+    c = config.listen
+    url = config.dialplan.service_url.rstrip("/")
+    path = catalog.LISTEN_RESULT_ACTION.path
+    return [
+        "; Listen-in (the agent pressed the listen code): rings the supervisor. Once answered they",
+        "; hear the call and whisper to the agent; the caller hears nothing of it. Unanswered:",
+        "; the prompt goes to the agent through the same whisper.",
+        f"[{c.context}]",
+        "exten => ring,1,NoOp(calmline: listen-in on ${CALMLINE_LISTEN_AGENT} (call ${CALMLINE_LISTEN_LINKEDID}))",
+        f" same => n,Set(CHANNEL(hangup_handler_push)={c.context}-result,s,1)",
+        f" same => n,Dial({c.dial},{c.ring_seconds},U({c.context}-answered))",
+        " same => n,Set(CALMLINE_LISTEN_STATUS=${DIALSTATUS})",
+        " same => n,GotoIf($[\"${DIALSTATUS}\" = \"ANSWER\"]?done)",
+        f" same => n,Set(CALMLINE_LISTEN_PROMPT={c.unanswered_prompt})",
+        f" same => n,Playback({c.unanswered_prompt})",
+        " same => n(done),Hangup()",
+        "",
+        "; ChanSpy on the agent's channel by uniqueid: w whisper (the supervisor talks to the agent",
+        "; only), d: the supervisor's keys 4 listen only, 5 whisper, 6 barge (talk to both);",
+        "; E: ends when the agent hangs up; q: no beep.",
+        f"[{spy_context(c)}]",
+        "exten => _[0-9A-Za-z].,1,ChanSpy(${EXTEN},uqwdE)",
+        " same => n,Hangup()",
+        "",
+        "; Runs on the supervisor's channel when they answer: records who listens.",
+        f"[{c.context}-answered]",
+        f"exten => s,1,AGI({url}/{path}?stage=answered)",
+        " same => n,Return()",
+        "",
+        "; Runs when the listen-in ends, however it ends: records the outcome and its length.",
+        f"[{c.context}-result]",
+        f"exten => s,1,AGI({url}/{path})",
+        " same => n,Return()",
+        "",
+    ]
+
+
 def render_extensions(config: Config, source: str = "the embedded defaults") -> str:
     """The contexts: the agent's pre-dial handler, transfers, recording, an example route."""
     d = config.dialplan
@@ -120,6 +162,8 @@ def render_extensions(config: Config, source: str = "the embedded defaults") -> 
             " same => n,Return()",
             "",
         ]
+    if config.listen.enabled:
+        lines += _listen_contexts(config)
     prompts = config.prompt_names()
     lines += [
         "; Admins re-record a prompt by phone: dial the extension, speak after the tone, press #.",

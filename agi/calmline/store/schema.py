@@ -90,6 +90,22 @@ _REPORT_INDEXES = [
     "CREATE INDEX events_final_warning ON events (session) "
     "WHERE step = 'warning_played' AND data LIKE '%\"final\": true%'",
 ]
+_WEBHOOKS = """
+CREATE TABLE webhooks (
+    id {serial},
+    key TEXT NOT NULL,
+    url TEXT NOT NULL,
+    linkedid TEXT,
+    status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt {real} NOT NULL DEFAULT 0,
+    last_error TEXT,
+    http_status INTEGER,
+    queued_at {real} NOT NULL,
+    sent_at {real},
+    body TEXT NOT NULL,
+    UNIQUE (key, url)
+)"""
 
 
 def _both(*statements: str) -> dict[str, list[str]]:
@@ -104,6 +120,8 @@ MIGRATIONS: list[tuple[int, str, dict[str, list[str]]]] = [
     (2, "console accounts and the console's indexes",
      _both(_CONSOLE_USERS, _CONSOLE_FAILURES, *_CONSOLE_INDEXES)),
     (3, "the report's covering indexes", _both(*_REPORT_INDEXES)),
+    (4, "the webhook outbox of live alerts", _both(
+        _WEBHOOKS, "CREATE INDEX webhooks_due ON webhooks (status, next_attempt)")),
 ]
 
 VERSION = MIGRATIONS[-1][0]

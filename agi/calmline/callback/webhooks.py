@@ -1,0 +1,323 @@
+"""Webhooks: the durable outbox of escalation alerts, and the worker that POSTs them.
+
+An escalation commits one row per `[alert] urls` entry in the store before anything is sent,
+so the call never waits for a receiver. The worker claims due rows (SKIP LOCKED on PostgreSQL,
+so several instances never send the same row at once), POSTs the JSON body with an
+`X-Calmline-Signature: sha256=<hex>` HMAC over the exact body and an `Idempotency-Key`, and on
+any failure retries with exponential backoff until `[alert] max_attempts`. Delivery is at least
+once: a receiver that answered 2xx but whose answer was lost gets the same body and key again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from calmline.config import AlertConfig
+from calmline.store import Connection, Database
+
+log = structlog.get_logger("calmline.callback.webhooks")
+
+SIGNATURE_HEADER = "X-Calmline-Signature"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+STATUSES: tuple[str, ...] = ("pending", "sent", "failed")
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The signature header's value: `sha256=` and the hex HMAC-SHA256 of the body."""
+    return "sha256=" + hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+
+
+def verify(secret: str, body: bytes, header: str) -> bool:
+    """What a receiver does: compare in constant time."""
+    return hmac.compare_digest(sign(secret, body), header or "")
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """One POST to one URL."""
+
+    id: int
+    key: str
+    url: str
+    status: str
+    attempts: int
+    next_attempt: float
+    last_error: str | None
+    http_status: int | None
+    queued_at: float
+    sent_at: float | None
+    body: str
+
+
+_COLUMNS = "id, key, url, status, attempts, next_attempt, last_error, http_status, queued_at, sent_at, body"
+
+
+def backoff(attempts: int, cfg: AlertConfig) -> float:
+    exponent = min(max(attempts - 1, 0), 62)
+    return min(cfg.retry_initial_seconds * (2.0**exponent), cfg.retry_max_seconds)
+
+
+class WebhookOutbox:
+    """The `webhooks` table of the store; thread-safe, shared by every process that opens it."""
+
+    def __init__(self, db: Database):
+        self.db = db
+        self._lock = threading.RLock()
+        self._db: Connection | None = db.connect()
+
+    def _conn(self) -> Connection:
+        if self._db is None:
+            raise RuntimeError(f"the webhook outbox of {self.db.where} is closed")
+        return self._db
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self._lock:
+            with self._conn().transaction() as db:
+                yield db
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def add(self, key: str, urls: list[str], payload: dict[str, Any], *, linkedid: str = "",
+            now: float | None = None) -> int:
+        """Queue the alert for each URL; a (key, URL) already queued is not queued again.
+
+        Returns how many rows were added (0 for a replayed escalation).
+        """
+        queued_at = time.time() if now is None else now
+        body = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        added = 0
+        with self._tx() as db:
+            for url in dict.fromkeys(urls):
+                if db.execute("SELECT 1 FROM webhooks WHERE key = ? AND url = ?", (key, url)).fetchone():
+                    continue
+                db.execute(
+                    "INSERT INTO webhooks (key, url, linkedid, status, attempts, next_attempt, "
+                    "queued_at, body) VALUES (?, ?, ?, 'pending', 0, 0, ?, ?)",
+                    (key, url, linkedid, queued_at, body),
+                )
+                added += 1
+        return added
+
+    @property
+    def _skip_locked(self) -> str:
+        return " FOR UPDATE SKIP LOCKED" if self.db.kind == "postgresql" else ""
+
+    def due(self, now: float, limit: int = 20, *, claim_for: float | None = None) -> list[Webhook]:
+        """Pending rows due at `now`, oldest first; with `claim_for`, pushed that far into the
+        future in the same transaction so no other worker takes them meanwhile."""
+        with self._tx() as db:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM webhooks WHERE status = 'pending' AND next_attempt <= ? "
+                "ORDER BY next_attempt, id LIMIT ?" + self._skip_locked,
+                (now, limit),
+            ).fetchall()
+            if claim_for is not None and rows:
+                db.executemany("UPDATE webhooks SET next_attempt = ? WHERE id = ?",
+                               [(now + claim_for, row[0]) for row in rows])
+        return [Webhook(*row) for row in rows]
+
+    def next_due(self) -> float | None:
+        with self._lock:
+            row = self._conn().execute(
+                "SELECT MIN(next_attempt) FROM webhooks WHERE status = 'pending'").fetchone()
+        return row[0]
+
+    def mark_sent(self, item: Webhook, http_status: int, now: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE webhooks SET status = 'sent', attempts = attempts + 1, sent_at = ?, "
+                "http_status = ?, last_error = NULL WHERE id = ?",
+                (now, http_status, item.id),
+            )
+
+    def mark_retry(self, item: Webhook, error: str, http_status: int | None, now: float,
+                   cfg: AlertConfig) -> Webhook:
+        """Record a failed attempt: retry after backoff, or `failed` after `max_attempts`."""
+        with self._tx() as db:
+            row = db.execute("SELECT attempts, status FROM webhooks WHERE id = ?", (item.id,)).fetchone()
+            attempts = row[0] + 1
+            if row[1] == "sent":
+                pass  # another worker delivered it meanwhile
+            elif attempts >= cfg.max_attempts:
+                db.execute("UPDATE webhooks SET status = 'failed', attempts = ?, last_error = ?, "
+                           "http_status = ? WHERE id = ?", (attempts, error, http_status, item.id))
+            else:
+                db.execute("UPDATE webhooks SET attempts = ?, last_error = ?, http_status = ?, "
+                           "next_attempt = ? WHERE id = ?",
+                           (attempts, error, http_status, now + backoff(attempts, cfg), item.id))
+            updated = db.execute(f"SELECT {_COLUMNS} FROM webhooks WHERE id = ?", (item.id,)).fetchone()
+        return Webhook(*updated)
+
+    def items(self) -> list[Webhook]:
+        with self._lock:
+            rows = self._conn().execute(f"SELECT {_COLUMNS} FROM webhooks ORDER BY id").fetchall()
+        return [Webhook(*row) for row in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._conn().execute("SELECT status, COUNT(*) FROM webhooks GROUP BY status").fetchall()
+        out = dict.fromkeys(STATUSES, 0)
+        out.update(dict(rows))
+        return out
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is a failure to retry, never a re-POST of a signed body somewhere else."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D401 - urllib's hook
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+class DeliveryError(Exception):
+    def __init__(self, message: str, http_status: int | None = None):
+        super().__init__(message)
+        self.http_status = http_status
+
+
+def post(item: Webhook, cfg: AlertConfig) -> int:
+    """POST one webhook; return the HTTP status (2xx), or raise DeliveryError."""
+    secret = cfg.resolved_secret()
+    if secret is None:
+        raise DeliveryError(f"alert.secret_env: {cfg.secret_env} is not set in calmline's environment; "
+                            f"set it (the receiver checks the signature with the same secret)")
+    body = item.body.encode("utf-8")
+    request = urllib.request.Request(item.url, data=body, method="POST", headers={
+        "Content-Type": "application/json",
+        "User-Agent": "calmline-webhook",
+        SIGNATURE_HEADER: sign(secret, body),
+        IDEMPOTENCY_HEADER: item.key,
+    })
+    try:
+        with _OPENER.open(request, timeout=cfg.timeout) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        raise DeliveryError(f"HTTP {exc.code} from {item.url}", exc.code) from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DeliveryError(f"cannot POST to {item.url}: {reason}") from None
+    if not 200 <= status < 300:
+        raise DeliveryError(f"HTTP {status} from {item.url}", status)
+    return status
+
+
+class WebhookWorker:
+    """Delivers due webhooks in the background, one at a time, in a thread."""
+
+    def __init__(self, outbox: WebhookOutbox, cfg: AlertConfig, *,
+                 clock: Callable[[], float] = time.time, max_sleep: float = 30.0):
+        self.outbox = outbox
+        self.cfg = cfg
+        self._clock = clock
+        self._max_sleep = max_sleep
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._done: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def claim_seconds(self) -> float:
+        return self.cfg.timeout * 2 + 30
+
+    def _next(self, now: float) -> Webhook | None:
+        items = self.outbox.due(now, limit=1, claim_for=self.claim_seconds)
+        return items[0] if items else None
+
+    def _deliver(self, item: Webhook) -> bool:
+        try:
+            status = post(item, self.cfg)
+        except DeliveryError as exc:
+            when = self._clock()
+            updated = self.outbox.mark_retry(item, str(exc), exc.http_status, when, self.cfg)
+            if updated.status == "failed":
+                log.error("webhook_gave_up", key=item.key, url=item.url, attempts=updated.attempts,
+                          error=str(exc))
+            else:
+                log.warning("webhook_failed", key=item.key, url=item.url, attempt=updated.attempts,
+                            error=str(exc), next_attempt_in=round(max(updated.next_attempt - when, 0.0), 3))
+            return False
+        self.outbox.mark_sent(item, status, self._clock())
+        log.info("webhook_sent", key=item.key, url=item.url, attempt=item.attempts + 1, http_status=status)
+        return True
+
+    def deliver_due_now(self) -> tuple[int, int]:
+        """Send everything due now, each at most once; (sent, failed)."""
+        when = self._clock()
+        sent = failed = 0
+        while (item := self._next(when)) is not None:
+            if self._deliver(item):
+                sent += 1
+            else:
+                failed += 1
+        return sent, failed
+
+    def wake(self) -> None:
+        """Look at the outbox now; safe from any thread."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is not loop:
+                loop.call_soon_threadsafe(self._wake.set)
+                return
+        self._wake.set()
+
+    def _sleep_for(self) -> float:
+        next_due = self.outbox.next_due()
+        if next_due is None:
+            return self._max_sleep
+        return min(max(next_due - self._clock(), 0.01), self._max_sleep)
+
+    async def run(self) -> None:
+        """Deliver due webhooks until `stop()`; never raises for HTTP or database trouble."""
+        self._loop = asyncio.get_running_loop()
+        self._done = asyncio.Event()
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                try:
+                    while not self._stopping:
+                        item = await asyncio.to_thread(self._next, self._clock())
+                        if item is None:
+                            break
+                        await asyncio.to_thread(self._deliver, item)
+                    delay = await asyncio.to_thread(self._sleep_for)
+                except Exception as exc:  # noqa: BLE001 - keep the worker alive
+                    log.error("webhook_worker_error", error=f"{type(exc).__name__}: {exc}")
+                    delay = min(self.cfg.retry_initial_seconds, self._max_sleep)
+                if self._stopping:
+                    break
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                except TimeoutError:
+                    pass
+        finally:
+            self._done.set()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._done is not None:
+            await self._done.wait()
