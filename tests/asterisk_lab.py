@@ -66,19 +66,33 @@ exten => 201,1,NoOp(misconfigured queue call for scenario ${SCEN})
 
 [sim-caller]
 exten => caller,1,Answer()
+ same => n,GotoIf($["${CALLER_RECORD}" != ""]?record)
  same => n,Wait(${CALLER_HOLD})
+ same => n,Hangup()
+; for the listen-in tests: record what the caller hears (the audio the call sends this half),
+; and send silence meanwhile, as a phone's RTP would (ChanSpy mixes into frames that flow)
+ same => n(record),MixMonitor(${CALLER_RECORD}-both.wav,r(${CALLER_RECORD}-heard.wav))
+ same => n,Set(UNTIL=$[${EPOCH} + ${CALLER_HOLD}])
+ same => n(silent),Playback(silence/1)
+ same => n,GotoIf($[${EPOCH} < ${UNTIL}]?silent)
  same => n,Hangup()
 
 [sim-agent]
 exten => _X.,1,Hangup()
 exten => _[a-z].,1,Answer()
+ same => n,ExecIf($["${AGENT_RECORD}" != ""]?MixMonitor(${AGENT_RECORD}-both.wav,r(${AGENT_RECORD}-heard.wav)))
  same => n,Wait(1)
  same => n,SendDTMF(${KEYS},250)
+ same => n,GotoIf($["${AGENT_RECORD}" != ""]?silent)
  same => n,Wait(${AGENT_HOLD})
+ same => n(hold),NoOp()
 ; a marker the tests order against: Asterisk does not order the Hangup events of the two
 ; Local halves against the caller's BridgeLeave, but this event comes before all of them
  same => n,UserEvent(CalmlineLab,Where: agent-hangs-up,Scen: ${EXTEN})
  same => n,Hangup()
+ same => n(silent),Set(UNTIL=$[${EPOCH} + ${AGENT_HOLD}])
+ same => n(again),Playback(silence/1)
+ same => n,GotoIf($[${EPOCH} < ${UNTIL}]?again:hold)
 
 ; the admin's phone, re-recording a prompt: speaks (a stock prompt) after the tone, then #
 [sim-admin]
@@ -99,6 +113,21 @@ exten => _X.,1,Answer()
  same => n,Wait(8)
  same => n,Hangup()
 exten => noanswer,1,Wait(30)
+; the supervisor summoned to listen in; GLOBAL(LISTENER) picks how (set over AMI by the tests):
+; "noanswer" lets it ring, "barge" presses 6 (ChanSpy's barge key) after speaking once
+exten => listener,1,GotoIf($["${LISTENER}" = "noanswer"]?ring)
+ same => n,Answer()
+ same => n,UserEvent(CalmlineLab,Where: listener-answered,Listener: ${CHANNEL})
+ same => n,Wait(1)
+ same => n,Playback(calmline/whisper-supervisor)
+ same => n,GotoIf($["${LISTENER}" != "barge"]?bye)
+ same => n,SendDTMF(6)
+ same => n,UserEvent(CalmlineLab,Where: listener-barged)
+ same => n,Playback(calmline/whisper-supervisor)
+ same => n(bye),Wait(1)
+ same => n,UserEvent(CalmlineLab,Where: listener-hangs-up)
+ same => n,Hangup()
+ same => n(ring),Wait(30)
 """
 
 # Asterisk's own records of an ended call, as files the tests read.
@@ -302,6 +331,7 @@ class Lab:
             f'prompt = "calmline/transfer-colleague"\nreason = "needs another agent"\n'
             f'fallback = "dial"\nfallback_dial = "Local/2002@sim-targets"\n\n'
             f'[transfer.colleague_keyed]\ndial_template = "Local/{{ext}}@sim-targets"\n\n'
+            f'[listen]\ndial = "Local/listener@sim-targets"\nring_seconds = 5\n\n'
             f'[mail]\nport = {self.smtp_port}\n'
             f'team_address = "team@example.com"\nretry_initial_seconds = 1.0\n'
             + extra
@@ -332,7 +362,8 @@ class Lab:
         (self.conf_dir / "extensions.conf").write_text(LAB_EXTENSIONS)
         (self.conf_dir / "features.conf").write_text(LAB_FEATURES)
         modules = (SHARED / "base" / "modules.conf").read_text()
-        (self.conf_dir / "modules.conf").write_text(modules.rstrip() + "\nload => func_export.so\n")
+        (self.conf_dir / "modules.conf").write_text(
+            modules.rstrip() + "\nload => func_export.so\nload => app_originate.so\nload => app_mixmonitor.so\n")
         (self.conf_dir / "cdr_custom.conf").write_text(LAB_CDR)
         (self.conf_dir / "cel_custom.conf").write_text(LAB_CEL)
         subprocess.run(["bash", str(SHARED / "run-asterisk.sh"), "start", str(self.run_dir), str(self.conf_dir)],

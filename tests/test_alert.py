@@ -197,3 +197,23 @@ def test_a_bad_webhook_url_is_refused(url):
     with pytest.raises(ConfigError) as info:
         parse(f'[alert]\nurls = ["{url}"]\n')
     assert info.value.problems[0].startswith("<config>: alert.urls[0]: a webhook URL is http:// or https://")
+
+
+def test_a_reload_applies_new_alert_urls_and_retry_policy_to_the_next_escalation(serving, tmp_path):
+    from conftest import make_config
+
+    async def main():
+        async with serving() as svc:
+            await run_session(svc.port, bridged_caller(), environment("end"))  # no urls yet
+            new = make_config(tmp_path, alert={"urls": ["http://127.0.0.1:1/new"], "max_attempts": 3})
+            assert svc.svc.reload(lambda: (new, "reloaded.toml"))
+            assert svc.svc.webhooks.cfg.max_attempts == 3
+            caller = bridged_caller()
+            caller.functions["CHANNEL(linkedid)"] = "1795350799.99"
+            await run_session(svc.port, caller, environment("end"))
+            return svc, [w.url for w in svc.svc.webhooks.outbox.items()]
+
+    svc, urls = run(main())
+    assert urls == ["http://127.0.0.1:1/new"]
+    reloaded = svc.events(event="config_reloaded")[0]
+    assert "alert.urls" in reloaded["changed"] and "alert.max_attempts" in reloaded["changed"]

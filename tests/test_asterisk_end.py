@@ -27,7 +27,8 @@ def test_end_hangs_up_both_legs_marks_the_call_and_mails_the_team(lab, exten):
     assert time.monotonic() - started < 30
     linkedid = caller_linkedid(events)
     names = [e["step"] for e in lab.audit_events() if e.get("linkedid") == linkedid and e.get("event") == "step"]
-    assert names == ["callback_queued", "call_marked", "closing_prompt_played", "caller_hung_up_by_agent"]
+    assert names == ["callback_queued", "call_marked", "alert_user_event", "closing_prompt_played",
+                     "caller_hung_up_by_agent"]
     hangups = [e for e in events if e.get("Event") == "Hangup"]
     assert any(e["Channel"].startswith("Local/caller@sim-caller") for e in hangups)
     assert any("@sim-agent" in e["Channel"] or "queueagent" in e["Channel"] for e in hangups)

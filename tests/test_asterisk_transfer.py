@@ -38,7 +38,7 @@ def test_supervisor_transfer_rings_the_target_and_frees_the_agent(lab, exten):
     assert answered[0]["CallerName"].startswith("[W2] ")
     assert answered[0]["Reason"] == "abusive caller"
     names = [s["step"] for s in steps(lab, linkedid)]
-    assert names[:2] == ["transfer_prompt_played", "caller_transferred"]
+    assert names[:3] == ["transfer_prompt_played", "alert_user_event", "caller_transferred"]
     assert "transfer_result" in names
     result = next(s for s in steps(lab, linkedid) if s["step"] == "transfer_result")
     assert result["dial_status"] == "ANSWER" and result["target"] == "supervisor"

@@ -153,7 +153,8 @@ def test_two_warnings_as_asterisk_saw_them(two_warnings, which):
 
 def test_pre_dial_handler_appends_to_the_agents_dynamic_features(two_warnings):
     dial, queue = two_warnings
-    names = "calmline_warn#calmline_supervisor#calmline_colleague#calmline_colleague_keyed#calmline_end"
+    names = ("calmline_warn#calmline_supervisor#calmline_colleague#calmline_colleague_keyed#calmline_end"
+             "#calmline_listen")
 
     def agent_features(call):
         return [e["Value"] for e in call.events if e.get("Event") == "VarSet"
@@ -301,3 +302,18 @@ def _service_log_since(lab, offset: int) -> str:
     with lab.service_log.open("rb") as f:
         f.seek(offset)
         return f.read().decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("which", ["dial", "queue"])
+def test_the_final_warning_raises_the_escalation_user_event_over_ami(two_warnings, which):
+    call = two_warnings[0 if which == "dial" else 1]
+    raised = [e for e in call.events if e.get("Event") == "UserEvent" and e.get("UserEvent") == "CalmlineEscalation"]
+    # one event: the final warning (the first warning is no escalation)
+    assert len(raised) == 1, raised
+    event = raised[0]
+    assert (event["Kind"], event["Warnings"], event["Target"]) == ("final_warning", "2", "-")
+    assert event["Channel"] == call.caller and event["CallLinkedid"] == call.linkedid
+    assert event["Agent"] == call.agent and event["CallerNumber"] == CALLER_NUMBER
+    assert event["CallUniqueid"] == event["Uniqueid"]
+    step = call.steps("alert_user_event")
+    assert len(step) == 1 and step[0]["key"] == event["AlertId"] and step[0]["kind"] == "final_warning"

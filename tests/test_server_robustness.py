@@ -416,7 +416,7 @@ def test_two_hundred_concurrent_sessions_all_complete(serving):
     assert [ch.variables["CALMLINE_WARNINGS"] for ch in channels] == [str(i % 3 + 1) for i in range(n)]
     ends = svc.events(event="session_end")
     assert len(ends) == n and {e["status"] for e in ends} == {"ok"}
-    steps = svc.events(event="step")
+    steps = svc.events(event="step", step="warning_played")
     assert sorted(e["uniqueid"] for e in steps) == sorted(f"many.{i}" for i in range(n))
     assert svc.events(event="connection_refused") == []
     assert_no_internal_errors(svc)
