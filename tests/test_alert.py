@@ -217,3 +217,17 @@ def test_a_reload_applies_new_alert_urls_and_retry_policy_to_the_next_escalation
     assert urls == ["http://127.0.0.1:1/new"]
     reloaded = svc.events(event="config_reloaded")[0]
     assert "alert.urls" in reloaded["changed"] and "alert.max_attempts" in reloaded["changed"]
+
+
+def test_check_says_when_the_webhook_secret_is_not_set(monkeypatch):
+    from calmline.admin import check
+    from calmline.config import Config
+
+    monkeypatch.delenv("CALMLINE_TEST_HOOK_SECRET", raising=False)
+    cfg = Config.model_validate({"alert": {"urls": ["https://hooks.example.com/x"],
+                                           "secret_env": "CALMLINE_TEST_HOOK_SECRET"}})
+    problems, _ = check._check_alert(cfg)
+    assert problems and problems[0].startswith("alert.secret_env: CALMLINE_TEST_HOOK_SECRET is not set")
+    monkeypatch.setenv("CALMLINE_TEST_HOOK_SECRET", "x")
+    assert check._check_alert(cfg) == ([], ["alert webhooks to 1 URL(s) can be signed"])
+    assert check._check_alert(Config()) == ([], [])

@@ -15,7 +15,8 @@ from typing import Any
 from calmline.config import Config
 
 # Dotted keys (or prefixes) bound at startup. A key that does not exist in this version's
-# config is simply never changed.
+# config is simply never changed. Every `listen.*` and `alert.*` key applies on reload: the
+# registry is rebuilt with them, and the webhook worker takes the new `[alert]` section.
 RESTART_ONLY = (
     "server.host",
     "server.port",

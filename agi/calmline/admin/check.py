@@ -444,6 +444,20 @@ def _check_mail(cfg: Config) -> tuple[list[str], list[str]]:
     return problems, ([] if problems else ["mail templates and credentials are usable"])
 
 
+def _check_alert(cfg: Config) -> tuple[list[str], list[str]]:
+    """Webhooks are signed with the secret in `[alert] secret_env`: without it none goes out."""
+    a = cfg.alert
+    if not (a.enabled and a.urls):
+        return [], []
+    if a.resolved_secret() is None:
+        return [
+            f"alert.secret_env: {a.secret_env} is not set in this environment, so no webhook can be "
+            f"signed (they wait in the outbox); set it where calmline runs (e.g. the systemd unit's "
+            f"Environment=) to the secret your receivers check"
+        ], []
+    return [], [f"alert webhooks to {len(a.urls)} URL(s) can be signed"]
+
+
 # Descriptors the service holds besides its sessions: the store, the listener, stdio, the mail.
 FD_RESERVE = 64
 
@@ -486,6 +500,7 @@ def run_checks(cfg: Config, args: argparse.Namespace) -> tuple[list[str], list[s
     add(_check_server_limits(cfg))
     add(_check_prompts(cfg))
     add(_check_mail(cfg))
+    add(_check_alert(cfg))
     features_conf = getattr(args, "features_conf", None) or cfg.dialplan.existing_features_conf
     if features_conf is not None:
         add(_check_features_conf(cfg, Path(features_conf)))
