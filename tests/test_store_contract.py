@@ -159,3 +159,35 @@ def test_workers_claiming_at_once_never_get_the_same_mail(store_url):
         t.join(60)
     every = [i for ids in got for i in ids]
     assert len(every) == 120 and len(set(every)) == 120
+
+
+def test_webhook_workers_claiming_at_once_never_get_the_same_row(store_url):
+    from calmline.callback.webhooks import WebhookOutbox
+
+    db = opened(store_url)
+    filler = WebhookOutbox(db)
+    for n in range(60):
+        assert filler.add(f"alert-{n}", ["https://a.example/x", "https://b.example/y"], {"n": n}, now=1.0) == 2
+    assert filler.add("alert-0", ["https://a.example/x"], {"n": 0}, now=1.0) == 0  # a replay adds nothing
+    filler.close()
+    workers = 4
+    got: list[list[int]] = [[] for _ in range(workers)]
+    barrier = threading.Barrier(workers)
+
+    def work(slot: int) -> None:
+        outbox = WebhookOutbox(Database(store_url, busy_timeout=30.0))
+        try:
+            barrier.wait()
+            while items := outbox.due(10.0, limit=7, claim_for=600.0):
+                got[slot] += [i.id for i in items]
+                time.sleep(0.001)
+        finally:
+            outbox.close()
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    every = [i for ids in got for i in ids]
+    assert len(every) == 120 and len(set(every)) == 120

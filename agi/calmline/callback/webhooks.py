@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 
 from calmline.config import AlertConfig
-from calmline.store import Connection, Database
+from calmline.store import DATABASE_ERRORS, Connection, Database
 
 log = structlog.get_logger("calmline.callback.webhooks")
 
@@ -77,23 +77,50 @@ class WebhookOutbox:
         self.db = db
         self._lock = threading.RLock()
         self._db: Connection | None = db.connect()
+        self._closed = False
 
     def _conn(self) -> Connection:
-        if self._db is None:
+        """The connection, opened again when the last one broke (a database restart)."""
+        if self._closed:
             raise RuntimeError(f"the webhook outbox of {self.db.where} is closed")
+        if self._db is None or self._db.broken:
+            self._forget()
+            self._db = self.db.connect()
         return self._db
+
+    def _forget(self) -> None:
+        if self._db is not None:
+            try:
+                self._db.close()
+            except DATABASE_ERRORS:
+                pass
+            self._db = None
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
         with self._lock:
-            with self._conn().transaction() as db:
-                yield db
+            try:
+                with self._conn().transaction() as db:
+                    yield db
+            except DATABASE_ERRORS:
+                if self._db is not None and self._db.broken:
+                    self._forget()  # the next call connects again
+                raise
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._lock:
+            try:
+                yield self._conn()
+            except DATABASE_ERRORS:
+                if self._db is not None and self._db.broken:
+                    self._forget()
+                raise
 
     def close(self) -> None:
         with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+            self._closed = True
+            self._forget()
 
     def add(self, key: str, urls: list[str], payload: dict[str, Any], *, linkedid: str = "",
             now: float | None = None) -> int:
@@ -135,9 +162,8 @@ class WebhookOutbox:
         return [Webhook(*row) for row in rows]
 
     def next_due(self) -> float | None:
-        with self._lock:
-            row = self._conn().execute(
-                "SELECT MIN(next_attempt) FROM webhooks WHERE status = 'pending'").fetchone()
+        with self._read() as db:
+            row = db.execute("SELECT MIN(next_attempt) FROM webhooks WHERE status = 'pending'").fetchone()
         return row[0]
 
     def mark_sent(self, item: Webhook, http_status: int, now: float) -> None:
@@ -167,13 +193,13 @@ class WebhookOutbox:
         return Webhook(*updated)
 
     def items(self) -> list[Webhook]:
-        with self._lock:
-            rows = self._conn().execute(f"SELECT {_COLUMNS} FROM webhooks ORDER BY id").fetchall()
+        with self._read() as db:
+            rows = db.execute(f"SELECT {_COLUMNS} FROM webhooks ORDER BY id").fetchall()
         return [Webhook(*row) for row in rows]
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._conn().execute("SELECT status, COUNT(*) FROM webhooks GROUP BY status").fetchall()
+        with self._read() as db:
+            rows = db.execute("SELECT status, COUNT(*) FROM webhooks GROUP BY status").fetchall()
         out = dict.fromkeys(STATUSES, 0)
         out.update(dict(rows))
         return out
