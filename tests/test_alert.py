@@ -231,3 +231,21 @@ def test_check_says_when_the_webhook_secret_is_not_set(monkeypatch):
     monkeypatch.setenv("CALMLINE_TEST_HOOK_SECRET", "x")
     assert check._check_alert(cfg) == ([], ["alert webhooks to 1 URL(s) can be signed"])
     assert check._check_alert(Config()) == ([], [])
+
+
+def test_the_webhook_backlog_and_its_oldest_age_are_metrics(tmp_path):
+    from calmline.metrics import OutboxCollector
+
+    db = sqlite_db(tmp_path / "s.sqlite3")
+    box = WebhookOutbox(db)
+    box.add("k1", ["http://127.0.0.1:1/a", "http://127.0.0.1:1/b"], {"kind": "end"}, now=1000.0)
+    box.add("k2", ["http://127.0.0.1:1/a"], {"kind": "end"}, now=1100.0)
+    [first, *_] = box.due(2000.0, limit=1)
+    box.mark_sent(first, 204, 1200.0)
+    collector = OutboxCollector(db, clock=lambda: 1500.0, mail=False)
+    samples = {(m.name, s.labels["channel"]): s.value for m in collector.collect() for s in m.samples}
+    collector.close()
+    assert samples[("calmline_outbox_pending", "webhook")] == 2
+    assert samples[("calmline_outbox_oldest_pending_age_seconds", "webhook")] == 500.0
+    assert samples[("calmline_outbox_failed", "webhook")] == 0
+    assert ("calmline_outbox_pending", "mail") not in samples
