@@ -34,6 +34,11 @@ def test_shipped_config_equals_the_embedded_defaults():
     ('[mail]\nteam_address = "a@b\\nBcc: x@y"', "mail.team_address"),
     ('[mail]\nsubject = "x\\nBcc: y"', "mail.subject: must be one line"),
     ("[server\n", "t.toml: not valid TOML"),
+    ('[cooldown]\nenabled = true', "cooldown.enabled = true needs [ami] username"),
+    ('[cooldown]\nafter = ["hangup"]', "t.toml: cooldown.after[0]:"),
+    ('[cooldown]\nseconds = 0', "t.toml: cooldown.seconds:"),
+    ('[ami]\nsecret_env = "lower"', "t.toml: ami.secret_env:"),
+    ('[lookup]\nwatch_at = 5\nflag_at = 2', "lookup: watch_at (5) must not be above flag_at (2)"),
 ])
 def test_errors_name_the_file_and_the_key(toml, expected):
     with pytest.raises(ConfigError) as info:

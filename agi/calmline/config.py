@@ -470,6 +470,50 @@ class ConsoleConfig(Section):
                 except (ZoneInfoNotFoundError, ValueError):
                     continue
         return ZoneInfo("UTC")
+class AMIConfig(Section):
+    """Asterisk's manager interface, for the cool-down's pause and unpause and for `calmline check`."""
+
+    host: str = "127.0.0.1"
+    port: StrictInt = Field(5038, ge=1, le=65535)
+    # None: calmline does not use AMI (the cool-down needs it).
+    username: Annotated[str, AfterValidator(_one_line)] | None = None
+    secret_env: Variable = "CALMLINE_AMI_SECRET"
+    timeout: StrictFloat = Field(5.0, gt=0, le=120)
+
+    def resolved_secret(self) -> str | None:
+        return os.environ.get(self.secret_env)
+
+
+CooldownTrigger = Literal["end", "final_warning", "transfer"]
+
+
+class CooldownConfig(Section):
+    """Pause the agent in their queues after an abusive call, and unpause them when it is over."""
+
+    enabled: StrictBool = False
+    seconds: StrictInt = Field(120, ge=1, le=86_400)
+    after: list[CooldownTrigger] = Field(default_factory=lambda: ["end"], min_length=1)
+    # How often the store is asked for due unpauses, and how long AMI failures wait to retry.
+    poll_seconds: StrictFloat = Field(1.0, gt=0, le=60)
+    retry_seconds: StrictFloat = Field(5.0, gt=0, le=600)
+
+
+class LookupConfig(Section):
+    """The `lookup` request path: what calmline remembers of a caller, for the inbound route."""
+
+    enabled: StrictBool = True
+    days: StrictInt = Field(90, ge=1, le=36600)
+    watch_at: StrictInt = Field(1, ge=1, le=1_000_000)
+    flag_at: StrictInt = Field(3, ge=1, le=1_000_000)
+    timeout_ms: StrictInt = Field(200, ge=1, le=10_000)
+    senior_queue: Context = "support-senior"
+    notice_prompt: Prompt = "calmline/caller-notice"
+
+    @model_validator(mode="after")
+    def _check_thresholds(self) -> LookupConfig:
+        if self.watch_at > self.flag_at:
+            raise ValueError(f"watch_at ({self.watch_at}) must not be above flag_at ({self.flag_at})")
+        return self
 
 
 # Keys earlier versions had, and what replaced them.
@@ -495,6 +539,9 @@ class Config(Section):
     prompts: PromptsConfig = PromptsConfig()
     metrics: MetricsConfig = MetricsConfig()
     console: ConsoleConfig = ConsoleConfig()
+    ami: AMIConfig = AMIConfig()
+    cooldown: CooldownConfig = CooldownConfig()
+    lookup: LookupConfig = LookupConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -511,6 +558,10 @@ class Config(Section):
     def _check_after_last(self) -> Config:
         if self.warn.after_last == "end" and not self.end.enabled:
             raise ValueError("warn.after_last = \"end\" needs [end] enabled = true")
+        if self.cooldown.enabled and not self.ami.username:
+            raise ValueError(
+                "cooldown.enabled = true needs [ami] username (a manager.conf user with "
+                "`write = agent`), with its secret in the variable [ami] secret_env names")
         from calmline.actions.catalog import features  # imported here: the catalog reads Config
 
         codes = features(self)

@@ -28,6 +28,7 @@ RESTART_ONLY = (
     "metrics.enabled",
     "metrics.host",
     "metrics.port",
+    "cooldown.enabled",
 )
 
 
