@@ -64,6 +64,24 @@ exten => 201,1,NoOp(misconfigured queue call for scenario ${SCEN})
  same => n,UserEvent(CalmlineLab,Where: after-queue,Scen: ${SCEN},QueueStatus: ${QUEUESTATUS},Warnings: ${CALMLINE_WARNINGS},Status: ${CALMLINE_STATUS})
  same => n,Hangup()
 
+; The inbound route with calmline's lookup: the caller's number is the scenario's, then the
+; rendered example route (lookup, then the normal or the senior queue) takes over. A hangup
+; handler reports what the lookup left on the caller's channel.
+exten => 300,1,NoOp(lookup call for scenario ${SCEN})
+ same => n,Set(CALLERID(num)=${LOOKUP_NUM})
+ same => n,Set(CHANNEL(hangup_handler_push)=lab-lookup-report,s,1)
+ same => n,Goto(calmline-example-inbound,300,1)
+
+; An escalated queue call from the scenario's number (the agent presses KEYS).
+exten => 301,1,NoOp(queue call from ${LOOKUP_NUM} for scenario ${SCEN})
+ same => n,Set(CALLERID(num)=${LOOKUP_NUM})
+ same => n,Queue(support,cb(calmline-agent^s^1),,,60)
+ same => n,Hangup()
+
+[lab-lookup-report]
+exten => s,1,UserEvent(CalmlineLab,Where: lookup-report,Scen: ${SCEN},Escalations: ${CALMLINE_CALLER_ESCALATIONS},Last: ${CALMLINE_CALLER_LAST},Flag: ${CALMLINE_CALLER_FLAG},AgiStatus: ${AGISTATUS})
+ same => n,Return()
+
 [sim-caller]
 exten => caller,1,Answer()
  same => n,GotoIf($["${CALLER_RECORD}" != ""]?record)
@@ -128,6 +146,23 @@ exten => listener,1,GotoIf($["${LISTENER}" = "noanswer"]?ring)
  same => n,UserEvent(CalmlineLab,Where: listener-hangs-up)
  same => n,Hangup()
  same => n(ring),Wait(30)
+"""
+
+# The lab's queues: `setinterfacevar = yes` puts MEMBERINTERFACE on both legs (the cool-down
+# reads it); the one agent is a member of both, so a cool-down pauses it twice.
+LAB_QUEUES = """
+[general]
+[support]
+strategy = ringall
+timeout = 15
+setinterfacevar = yes
+member => Local/queueagent@sim-agent/n
+
+[support-senior]
+strategy = ringall
+timeout = 15
+setinterfacevar = yes
+member => Local/queueagent@sim-agent/n
 """
 
 # Asterisk's own records of an ended call, as files the tests read.
@@ -337,10 +372,11 @@ class Lab:
             + extra
         )
 
-    def calmline(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def calmline(self, *args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "calmline", "-c", str(self.config_path), *args],
             capture_output=True, text=True, check=check, cwd=self.workdir,
+            env={**os.environ, "CALMLINE_AMI_SECRET": "test", **(env or {})},
         )
 
     def start(self, extra_config: str = "") -> None:
@@ -365,6 +401,7 @@ class Lab:
         (self.conf_dir / "modules.conf").write_text(
             modules.rstrip() + "\nload => func_export.so\nload => app_originate.so\nload => app_mixmonitor.so\n")
         (self.conf_dir / "cdr_custom.conf").write_text(LAB_CDR)
+        (self.conf_dir / "queues.conf").write_text(LAB_QUEUES)
         (self.conf_dir / "cel_custom.conf").write_text(LAB_CEL)
         subprocess.run(["bash", str(SHARED / "run-asterisk.sh"), "start", str(self.run_dir), str(self.conf_dir)],
                        check=True, capture_output=True, env={**os.environ, "PREFIX": str(PREFIX)})
@@ -379,6 +416,7 @@ class Lab:
         self.service = subprocess.Popen(
             [sys.executable, "-m", "calmline", "-c", str(self.config_path), "serve"],
             stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+            env={**os.environ, "CALMLINE_AMI_SECRET": "test"},
         )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:

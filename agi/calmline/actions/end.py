@@ -26,6 +26,7 @@ from calmline.callback.outbox import CallbackRequest, Outbox
 
 if TYPE_CHECKING:
     from calmline.actions.alert import Alerter
+    from calmline.actions.cooldown import CooldownStarter
 
 CEL_EVENT = "CALMLINE_ENDED"
 
@@ -42,6 +43,7 @@ class End:
         outbox: Outbox | None,
         wake: Callable[[], None] = lambda: None,
         alert: Alerter | None = None,
+        cooldown: CooldownStarter | None = None,
     ):
         self._config = config
         self._counter = counter_variable
@@ -49,6 +51,7 @@ class End:
         self._outbox = outbox
         self._wake = wake
         self._alert = alert
+        self._cooldown = cooldown
 
     async def run(self, context: ActionContext) -> str:
         cfg, channel = self._config, context.channel
@@ -74,6 +77,9 @@ class End:
             await context.audit.step(CALLER_HUNG_UP_BY_AGENT, warnings=warnings)
         finally:
             self._wake()
+            # The agent ended the call, even if the caller hung up first: the agent rests.
+            if self._cooldown is not None:
+                await self._cooldown.begin(context, "end")
         if missing_prompt is not None:
             raise missing_prompt
         return "completed"

@@ -25,6 +25,7 @@ from calmline.errors import CalmlineError
 
 if TYPE_CHECKING:
     from calmline.actions.alert import Alerter
+    from calmline.actions.cooldown import CooldownStarter
 
 _DIGITS = re.compile(r"^[0-9]{1,20}$")
 
@@ -39,7 +40,9 @@ class Transfer:
     """Run on the caller's channel (feature `peer`): prompt, label, redirect."""
 
     def __init__(self, name: str, target: TransferTarget, context: str, counter_variable: str,
-                 *, alert: Alerter | None = None):
+                 *, alert: Alerter | None = None,
+                 cooldown: CooldownStarter | None = None):
+        self._cooldown = cooldown
         self._name = name
         self._target = target
         self._context = context
@@ -68,6 +71,8 @@ class Transfer:
             CALLER_TRANSFERRED, target=self._name, dial=target.dial, reason=target.reason,
             warnings=int(labels["CALMLINE_XFER_WARNINGS"]),
         )
+        if self._cooldown is not None:
+            await self._cooldown.begin(context, "transfer")
         return "completed"
 
 
@@ -76,7 +81,9 @@ class KeyedColleagueTransfer:
     extension; only a valid entry moves the caller, anything else leaves the call as it was."""
 
     def __init__(self, config: ColleagueKeyedConfig, target: TransferTarget, context: str,
-                 *, alert: Alerter | None = None, counter_variable: str = "CALMLINE_WARNINGS"):
+                 *, alert: Alerter | None = None, counter_variable: str = "CALMLINE_WARNINGS",
+                 cooldown: CooldownStarter | None = None):
+        self._cooldown = cooldown
         self._counter = counter_variable
         self._config = config
         self._target = target
@@ -109,6 +116,8 @@ class KeyedColleagueTransfer:
         await channel.redirect(self._context, f"k{keyed}", other=caller)
         await context.audit.step(CALLER_TRANSFERRED, target="colleague_keyed", extension=keyed,
                                  caller_channel=context.call.caller_channel)
+        if self._cooldown is not None:
+            await self._cooldown.begin(context, "transfer")
         return "completed"
 
 

@@ -14,16 +14,19 @@ from calmline.config import WarnConfig
 
 if TYPE_CHECKING:
     from calmline.actions.alert import Alerter
+    from calmline.actions.cooldown import CooldownStarter
 
 
 class Warn:
     """Escalating warnings: stage 1, stage 2 (final), then repeat the last, or run `end`
     (given when `after_last = "end"`)."""
 
-    def __init__(self, config: WarnConfig, end: Action | None = None, *, alert: Alerter | None = None):
+    def __init__(self, config: WarnConfig, end: Action | None = None, *, alert: Alerter | None = None,
+                 cooldown: CooldownStarter | None = None):
         self._config = config
         self._end = end
         self._alert = alert
+        self._cooldown = cooldown
 
     async def run(self, context: ActionContext) -> str:
         counter = self._config.counter_variable
@@ -52,4 +55,6 @@ class Warn:
         await context.channel.set_variable(counter, str(stage))
         if stage == len(stages) and self._alert is not None:
             await self._alert.escalate(context, "final_warning", stage)
+        if self._cooldown is not None and index == len(stages) - 1:
+            await self._cooldown.begin(context, "final_warning")
         return "completed"

@@ -488,6 +488,64 @@ def _check_server_limits(cfg: Config) -> tuple[list[str], list[str]]:
     return problems, notes
 
 
+SETINTERFACEVAR_FIX = (
+    "add `setinterfacevar = yes` to that queue in queues.conf and run `queue reload all`: "
+    "without it Asterisk sets no MEMBERINTERFACE, and the cool-down cannot tell which agent to pause"
+)
+
+
+def queues_without_interfacevar(categories: dict[str, list[str]]) -> list[str]:
+    """Queues of a queues.conf (as GetConfig gives it) that lack `setinterfacevar = yes`."""
+    from calmline.config import _truthy
+
+    missing = []
+    for name, lines in categories.items():
+        if name == "general":
+            continue
+        values = {k.strip().lower(): v.strip() for k, _, v in (line.partition("=") for line in lines)}
+        if not _truthy(values.get("setinterfacevar", "")):
+            missing.append(name)
+    return missing
+
+
+def _check_ami_config(cfg: Config) -> tuple[list[str], list[str]]:
+    """Log in as [ami] says, and (for the cool-down) read queues.conf for setinterfacevar."""
+    from calmline import ami
+
+    a = cfg.ami
+    where = f"{a.host}:{a.port}"
+    secret = a.resolved_secret()
+    if secret is None:
+        return [f"ami.secret_env: {a.secret_env} is not set in this environment, so calmline cannot "
+                f"log in to AMI at {where}; set it where calmline runs (e.g. the unit's Environment=)"], []
+
+    def work(session: ami.Session) -> dict[str, list[str]] | str:
+        try:
+            return session.get_config("queues.conf")
+        except ami.AMIUnavailable as exc:
+            return str(exc)
+
+    try:
+        queues = ami.run(a, secret, work)
+    except ami.AMIUnavailable as exc:
+        return [f"ami.host/ami.port/ami.username: {exc}; check manager.conf ([general] enabled, "
+                f"port, bindaddr; the user's secret, permit/deny) and [ami] in the config"], []
+    notes = [f"AMI login to {where} as {a.username!r} works"]
+    if not cfg.cooldown.enabled:
+        return [], notes
+    if isinstance(queues, str):
+        return [], notes + [
+            f"WARNING: could not read queues.conf over AMI ({queues}); the cool-down needs "
+            f"`setinterfacevar = yes` in every queue your agents answer"]
+    missing = queues_without_interfacevar(queues)
+    problems = [f"cooldown.enabled: queue {name!r} has no `setinterfacevar = yes`; {SETINTERFACEVAR_FIX}"
+                for name in missing]
+    if not problems:
+        notes.append(f"every queue in queues.conf has setinterfacevar = yes ({len(queues) - ('general' in queues)} queues), "
+                     f"so the cool-down can find the agent")
+    return problems, notes
+
+
 def run_checks(cfg: Config, args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """Return (problems, notes) for everything that can be checked from here."""
     problems: list[str] = []
@@ -512,4 +570,8 @@ def run_checks(cfg: Config, args: argparse.Namespace) -> tuple[list[str], list[s
         if secret is None:
             secret = os.environ.get(AMI_SECRET_ENV)
         add(_check_ami(cfg, ami_host, getattr(args, "ami_port", 5038), getattr(args, "ami_user", None), secret))
+    if cfg.ami.username:
+        add(_check_ami_config(cfg))
+    elif cfg.cooldown.enabled:
+        problems.append("ami.username: the cool-down needs AMI; set [ami] username and its secret")
     return problems, notes

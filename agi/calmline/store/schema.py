@@ -108,6 +108,37 @@ CREATE TABLE webhooks (
 )"""
 
 
+# The cool-downs: each one pauses an agent's queue interface now and unpauses it at due_at.
+# Any instance may take a due row (claimed with a lease in next_attempt), so a restart or a
+# second instance still unpauses on time, and only one of them acts.
+_COOLDOWNS = """
+CREATE TABLE cooldowns (
+    id {serial},
+    key TEXT NOT NULL UNIQUE,
+    interface TEXT NOT NULL,
+    linkedid TEXT,
+    trigger TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pausing', 'paused', 'done')),
+    queues TEXT,
+    created_at {real} NOT NULL,
+    due_at {real} NOT NULL,
+    next_attempt {real} NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    outcome TEXT,
+    last_error TEXT
+)"""
+
+_COOLDOWN_INDEXES = [
+    "CREATE INDEX cooldowns_due ON cooldowns (state, next_attempt)",
+    "CREATE INDEX cooldowns_interface ON cooldowns (interface, state)",
+    # The lookup's (and the console's) count of a caller's escalated calls: a session_start
+    # per escalation, covered, so a caller's count never reads the table.
+    "CREATE INDEX events_caller_starts ON events (caller_number, ts, action, linkedid, session) "
+    "WHERE event = 'session_start'",
+]
+
+
 def _both(*statements: str) -> dict[str, list[str]]:
     return {
         "sqlite": [s.format(serial="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL") for s in statements],
@@ -122,6 +153,8 @@ MIGRATIONS: list[tuple[int, str, dict[str, list[str]]]] = [
     (3, "the report's covering indexes", _both(*_REPORT_INDEXES)),
     (4, "the webhook outbox of live alerts", _both(
         _WEBHOOKS, "CREATE INDEX webhooks_due ON webhooks (status, next_attempt)")),
+    (5, "the cool-downs' pending pauses and unpauses, the caller lookup's index",
+     _both(_COOLDOWNS, *_COOLDOWN_INDEXES)),
 ]
 
 VERSION = MIGRATIONS[-1][0]
