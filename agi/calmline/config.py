@@ -129,6 +129,11 @@ def _label(value: str) -> str:
     return value
 
 
+def _truthy(value: str) -> bool:
+    """Asterisk's ast_true(): yes, true, y, t, 1 and on, in any case."""
+    return value.strip().lower() in {"yes", "true", "y", "t", "1", "on"}
+
+
 def _one_line(value: str) -> str:
     if _HEADERISH.search(value):
         raise ValueError("must be one line (no line breaks)")
@@ -593,6 +598,8 @@ class Config(Section):
         if self.listen.enabled:
             names.append(self.listen.unanswered_prompt)
         names += ["calmline/record-intro", "calmline/record-saved"]  # the admin's recording line
+        if self.lookup.enabled:
+            names.append(self.lookup.notice_prompt)  # the rendered lookup route plays it
         return list(dict.fromkeys(names))
 
 

@@ -21,6 +21,8 @@ from calmline.audit.trail import AuditTrail, configure
 from calmline.config import Config
 from calmline.errors import ConfigError, StoreError
 from calmline.store import DATABASE_ERRORS, Database, reason
+from calmline.actions.cooldown import CooldownStore, CooldownWorker
+from calmline.actions.lookup import CallerLookups
 from calmline.callback.mail import OutboxWorker
 from calmline.callback.outbox import Outbox
 from calmline.callback.webhooks import WebhookOutbox, WebhookWorker
@@ -35,11 +37,14 @@ if TYPE_CHECKING:
 
 
 def build_registry(config: Config, outbox: Outbox | None = None, worker: OutboxWorker | None = None,
-                   webhooks: WebhookWorker | None = None) -> Registry:
+                   webhooks: WebhookWorker | None = None, cooldowns: CooldownWorker | None = None,
+                   lookups: CallerLookups | None = None) -> Registry:
     """Every action the config enables, at its path in the catalog, wired to the outboxes."""
     alert = Alerter(lambda: config.alert, webhooks.outbox if webhooks else None,
                     webhooks.wake if webhooks else (lambda: None))
-    wiring = catalog.Wiring(outbox, worker.wake if worker else (lambda: None), alert)
+    wiring = catalog.Wiring(outbox, worker.wake if worker else (lambda: None), alert,
+                            cooldowns.starter_store if cooldowns else None,
+                            cooldowns.wake if cooldowns else (lambda: None), lookups)
     registry = Registry()
     for spec in catalog.enabled(config):
         registry.add(spec.path, spec.build(config, wiring), runs_on=spec.runs_on,
@@ -59,6 +64,9 @@ class Service:
     metrics: Metrics | None = None
     metrics_address: tuple[str, int] | None = None
     webhooks: WebhookWorker | None = None
+    cooldowns: CooldownWorker | None = None
+    lookups: CallerLookups | None = None
+    _cooldown_task: asyncio.Task | None = None
     _worker_task: asyncio.Task | None = None
     _webhook_task: asyncio.Task | None = None
     _retention_task: asyncio.Task | None = None
@@ -81,6 +89,8 @@ class Service:
             self._worker_task = asyncio.create_task(self.worker.run(), name="calmline-mail")
         if self.webhooks is not None:
             self._webhook_task = asyncio.create_task(self.webhooks.run(), name="calmline-webhooks")
+        if self.cooldowns is not None:
+            self._cooldown_task = asyncio.create_task(self.cooldowns.run(), name="calmline-cooldown")
         # keep_days is asked each round; a reload that changes it starts one at once.
         self._retention_task = asyncio.create_task(
             retention.schedule(self.store.db, lambda: self.config.audit.keep_days, self.audit,
@@ -102,7 +112,8 @@ class Service:
             new, problems = None, exc.problems
         if not problems:
             try:
-                registry = build_registry(new, self.outbox, self.worker, self.webhooks)
+                registry = build_registry(new, self.outbox, self.worker, self.webhooks, self.cooldowns,
+                                          self.lookups)
             except ConfigError as exc:
                 problems = exc.problems
         running = reloading.fingerprint(old)
@@ -146,6 +157,9 @@ class Service:
             self._retention_task.cancel()
             await asyncio.gather(self._retention_task, return_exceptions=True)
         await self.server.close(grace)
+        if self.cooldowns is not None and self._cooldown_task is not None:
+            await self.cooldowns.stop()
+            await self._cooldown_task
         if self.worker is not None and self._worker_task is not None:
             await self.worker.stop()
             await self._worker_task
@@ -156,6 +170,8 @@ class Service:
             self.outbox.close()
         if self.webhooks is not None:
             self.webhooks.outbox.close()
+        if self.lookups is not None:
+            self.lookups.close()
         self.store.close()
         if self.metrics is not None:
             self.metrics.close()
@@ -186,7 +202,13 @@ def build(config: Config, *, stdout: TextIO | None = sys.stdout) -> Service:
     except DATABASE_ERRORS as exc:
         store.close()
         raise StoreError(f"store.url: cannot open the webhook outbox in {db.where}: {reason(exc)}") from None
-    registry = build_registry(config, outbox, worker, webhooks)
+    cooldowns = None
+    if config.cooldown.enabled:
+        holder: list[Service] = []
+        cooldowns = CooldownWorker(CooldownStore(db), lambda: holder[0].config if holder else config, audit)
+    # Built whatever lookup.enabled says, so that a reload may turn the lookup on.
+    lookups = CallerLookups(db)
+    registry = build_registry(config, outbox, worker, webhooks, cooldowns, lookups)
     server = FastAGIServer(config, registry, audit)
     metrics = None
     if config.metrics.enabled:
@@ -200,7 +222,11 @@ def build(config: Config, *, stdout: TextIO | None = sys.stdout) -> Service:
         store.on_commit = metrics.committed
         store.on_error = metrics.store_failed
         metrics.watch_outbox(db, mail=outbox is not None)
-    return Service(config, store, audit, server, outbox, worker, metrics=metrics, webhooks=webhooks)
+    service = Service(config, store, audit, server, outbox, worker, metrics=metrics, webhooks=webhooks,
+                      cooldowns=cooldowns, lookups=lookups)
+    if cooldowns is not None:
+        holder.append(service)  # the worker reads the config a reload swapped in
+    return service
 
 
 def tune_gc() -> None:

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from calmline.actions.alert import Alerter
+    from calmline.actions.cooldown import CooldownStore
+    from calmline.actions.lookup import CallerLookups
     from calmline.callback.outbox import Outbox
     from calmline.config import Config
     from calmline.fastagi.contract import Action, RunsOn
@@ -56,6 +58,26 @@ class Wiring:
     outbox: Outbox | None = None
     wake: Callable[[], None] = lambda: None
     alert: Alerter | None = None
+    cooldowns: CooldownStore | None = None
+    wake_cooldowns: Callable[[], None] = lambda: None
+    lookups: CallerLookups | None = None
+
+
+def _cooldown(c: Config, w: Wiring):
+    """The cool-down starter the actions call, or None when cool-downs are off."""
+    if not c.cooldown.enabled or w.cooldowns is None:
+        return None
+    from calmline.actions.cooldown import CooldownStarter
+
+    return CooldownStarter(c.cooldown, w.cooldowns, w.wake_cooldowns)
+
+
+def _cooldown_reads(c: Config, *triggers: str) -> tuple[str, ...]:
+    """MEMBERINTERFACE, for an action after which a cool-down may start."""
+    from calmline.actions.cooldown import INTERFACE_VARIABLE
+
+    wanted = c.cooldown.enabled and any(t in c.cooldown.after for t in triggers)
+    return (INTERFACE_VARIABLE,) if wanted else ()
 
 
 @dataclass(frozen=True)
@@ -107,7 +129,7 @@ class Feature:
 
 
 def _end_reads(c: Config) -> tuple[str, ...]:
-    return (c.warn.counter_variable, c.mail.caller_email_variable)
+    return (c.warn.counter_variable, c.mail.caller_email_variable, *_cooldown_reads(c, "end"))
 
 
 def _build_end(c: Config, w: Wiring) -> Action:
@@ -115,7 +137,7 @@ def _build_end(c: Config, w: Wiring) -> Action:
 
     return End(c.end, counter_variable=c.warn.counter_variable,
                email_variable=c.mail.caller_email_variable, outbox=w.outbox, wake=w.wake,
-               alert=w.alert)
+               alert=w.alert, cooldown=_cooldown(c, w))
 
 
 def _warn_delegates(c: Config) -> bool:
@@ -125,7 +147,8 @@ def _warn_delegates(c: Config) -> bool:
 def _build_warn(c: Config, w: Wiring) -> Action:
     from calmline.actions.warn import Warn
 
-    return Warn(c.warn, _build_end(c, w) if _warn_delegates(c) else None, alert=w.alert)
+    return Warn(c.warn, _build_end(c, w) if _warn_delegates(c) else None, alert=w.alert,
+                cooldown=_cooldown(c, w))
 
 
 def _build_transfer(name: str) -> Callable[[Config, Wiring], Action]:
@@ -133,7 +156,8 @@ def _build_transfer(name: str) -> Callable[[Config, Wiring], Action]:
         from calmline.actions.transfer import Transfer
 
         t = c.transfer
-        return Transfer(name, getattr(t, name), t.context, c.warn.counter_variable, alert=w.alert)
+        return Transfer(name, getattr(t, name), t.context, c.warn.counter_variable, alert=w.alert,
+                        cooldown=_cooldown(c, w))
 
     return build
 
@@ -143,7 +167,7 @@ def _build_keyed(c: Config, w: Wiring) -> Action:
 
     t = c.transfer
     return KeyedColleagueTransfer(t.colleague_keyed, t.colleague, t.context, alert=w.alert,
-                                  counter_variable=c.warn.counter_variable)
+                                  counter_variable=c.warn.counter_variable, cooldown=_cooldown(c, w))
 
 
 def _build_transfer_result(c: Config, w: Wiring) -> Action:
@@ -157,7 +181,8 @@ WARN = ActionSpec(
     enabled=lambda c: c.warn.enabled,
     # Past the last stage Warn may run End, so it reads what End reads.
     reads=lambda c: tuple(dict.fromkeys(
-        (c.warn.counter_variable, *(_end_reads(c) if _warn_delegates(c) else ())))),
+        (c.warn.counter_variable, *(_end_reads(c) if _warn_delegates(c) else ()),
+         *_cooldown_reads(c, "final_warning")))),
     build=_build_warn,
     escalation=Escalation("warning", "warning", "warn"),
 )
@@ -165,7 +190,7 @@ SUPERVISOR = ActionSpec(
     name="calmline_supervisor", path="transfer/supervisor", code_key="transfer.supervisor.code",
     runs_on="caller",
     enabled=lambda c: c.transfer.enabled,
-    reads=lambda c: (c.warn.counter_variable,),
+    reads=lambda c: (c.warn.counter_variable, *_cooldown_reads(c, "transfer")),
     build=_build_transfer("supervisor"),
     escalation=Escalation("supervisor", "transfer to supervisor", "supervisor"),
 )
@@ -173,7 +198,7 @@ COLLEAGUE = ActionSpec(
     name="calmline_colleague", path="transfer/colleague", code_key="transfer.colleague.code",
     runs_on="caller",
     enabled=lambda c: c.transfer.enabled,
-    reads=lambda c: (c.warn.counter_variable,),
+    reads=lambda c: (c.warn.counter_variable, *_cooldown_reads(c, "transfer")),
     build=_build_transfer("colleague"),
     escalation=Escalation("colleague", "transfer to colleague", "colleague"),
 )
@@ -181,7 +206,7 @@ COLLEAGUE_KEYED = ActionSpec(
     name="calmline_colleague_keyed", path="transfer/colleague-keyed",
     code_key="transfer.colleague_keyed.code", runs_on="agent",
     enabled=lambda c: c.transfer.enabled and c.transfer.colleague_keyed.enabled,
-    reads=lambda c: (),
+    reads=lambda c: _cooldown_reads(c, "transfer"),
     build=_build_keyed,
     escalation=Escalation("colleague", "transfer to colleague", "colleague"),
 )
@@ -236,8 +261,22 @@ LISTEN_RESULT_ACTION = ActionSpec(
     dead_ok=True,
 )
 
+def _build_lookup(c: Config, w: Wiring) -> Action:
+    from calmline.actions.lookup import Lookup
+
+    return Lookup(c.lookup, w.lookups)
+
+
+# Not a keypad code: the inbound route runs it before queueing (the rendered example shows how).
+LOOKUP = ActionSpec(
+    name="calmline_lookup", path="lookup", code_key=None, runs_on="caller",
+    enabled=lambda c: c.lookup.enabled,
+    reads=lambda c: (),
+    build=_build_lookup,
+)
+
 ACTIONS: tuple[ActionSpec, ...] = (WARN, SUPERVISOR, COLLEAGUE, COLLEAGUE_KEYED, END, TRANSFER_RESULT_ACTION,
-                                   LISTEN, LISTEN_RESULT_ACTION)
+                                   LISTEN, LISTEN_RESULT_ACTION, LOOKUP)
 
 
 def enabled(config: Config) -> list[ActionSpec]:

@@ -189,6 +189,23 @@ def render_extensions(config: Config, source: str = "the embedded defaults") -> 
         " same => n,Hangup()",
         f"exten => 200,1,Queue({d.example_queue},b({d.agent_context}^s^1),,,300)",
         " same => n,Hangup()",
+    ]
+    if config.lookup.enabled:
+        lk = config.lookup
+        url = config.dialplan.service_url.rstrip("/")
+        lines += [
+            "; Remember the caller: calmline sets CALMLINE_CALLER_FLAG (none, watch, flagged, or",
+            "; unknown when the store is slow) before the call is queued. A flagged caller hears a",
+            "; short notice and goes to the senior queue; everyone else to the normal one.",
+            f"exten => 300,1,AGI({url}/{catalog.LOOKUP.path})",
+            " same => n,GotoIf($[\"${CALMLINE_CALLER_FLAG}\" = \"flagged\"]?senior)",
+            f" same => n,Queue({d.example_queue},b({d.agent_context}^s^1),,,300)",
+            " same => n,Hangup()",
+            f" same => n(senior),Playback({lk.notice_prompt})",
+            f" same => n,Queue({lk.senior_queue},b({d.agent_context}^s^1),,,300)",
+            " same => n,Hangup()",
+        ]
+    lines += [
         "",
         "; Example transfer targets: point transfer.*.dial at your own extensions or queues.",
         "[calmline-example-targets]",
