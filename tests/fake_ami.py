@@ -29,6 +29,8 @@ class FakeAMI:
     secret: str = "s3cret"
     queues: dict[str, dict[str, Member]] = field(default_factory=dict)
     actions: list[dict[str, str]] = field(default_factory=list)
+    # queues.conf as GetConfig returns it: category -> its `name=value` lines
+    queues_conf: dict[str, list[str]] = field(default_factory=dict)
     port: int = 0
     _server: socketserver.ThreadingTCPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -102,6 +104,12 @@ class FakeAMI:
             return self._pause(m, aid)
         if action == "QueueStatus":
             return self._status(m, aid)
+        if action == "GetConfig" and m.get("Filename") == "queues.conf":
+            out = f"Response: Success\r\n{aid}"
+            for i, (name, lines) in enumerate(self.queues_conf.items()):
+                out += f"Category-{i:06d}: {name}\r\n"
+                out += "".join(f"Line-{i:06d}-{j:06d}: {line}\r\n" for j, line in enumerate(lines))
+            return out + "\r\n"
         return f"Response: Error\r\n{aid}Message: Invalid/unknown command: {action}.\r\n\r\n"
 
     def _pause(self, m: dict[str, str], aid: str) -> str:

@@ -254,3 +254,30 @@ def test_a_later_cooldown_of_the_same_agent_keeps_them_paused(tmp_path, ami):
     assert len(ami.pauses()) == 2, "the first cool-down's end does not unpause"
     run(worker.run_once(time.time() + 101))
     assert [p[2] for p in ami.pauses()] == ["true", "true", "false", "false"]
+
+
+def test_check_logs_in_with_ami_and_names_each_queue_without_setinterfacevar(tmp_path, ami):
+    from calmline.admin.check import _check_ami_config
+
+    ami.queues_conf = {"general": ["persistentmembers=yes"],
+                       "support": ["strategy=ringall", "setinterfacevar=yes", "member=PJSIP/1"],
+                       "sales": ["strategy=ringall", "member=PJSIP/2"]}
+    cfg = make_config(tmp_path, **cooldown_sections(ami))
+    problems, notes = _check_ami_config(cfg)
+    assert f"AMI login to 127.0.0.1:{ami.port} as 'calmline' works" in notes
+    assert len(problems) == 1 and problems[0].startswith("cooldown.enabled: queue 'sales' has no `setinterfacevar = yes`")
+    ami.queues_conf["sales"].append("setinterfacevar = Yes")
+    problems, notes = _check_ami_config(cfg)
+    assert problems == [] and "every queue in queues.conf has setinterfacevar = yes (2 queues)" in notes[-1]
+
+
+def test_check_names_a_failed_ami_login(tmp_path, ami, monkeypatch):
+    from calmline.admin.check import _check_ami_config
+
+    monkeypatch.setenv("CALMLINE_AMI_SECRET", "wrong")
+    problems, _ = _check_ami_config(make_config(tmp_path, **cooldown_sections(ami)))
+    assert problems[0].startswith("ami.host/ami.port/ami.username: AMI login to 127.0.0.1:")
+    assert "as 'calmline' failed" in problems[0]
+    monkeypatch.delenv("CALMLINE_AMI_SECRET")
+    problems, _ = _check_ami_config(make_config(tmp_path, **cooldown_sections(ami)))
+    assert problems[0].startswith("ami.secret_env: CALMLINE_AMI_SECRET is not set")
