@@ -34,6 +34,8 @@ NO_QUEUE = (
     "queue, or a queue without `setinterfacevar = yes` in queues.conf"
 )
 
+CLAIM_BATCH = 5  # rows one instance takes at a time
+
 # Steps and events, by name.
 COOLDOWN_SCHEDULED = "cooldown_scheduled"
 COOLDOWN_NOT_STARTED = "cooldown_not_started"
@@ -238,7 +240,7 @@ class CooldownWorker:
         self._failing_since: float | None = None
 
     def wake(self) -> None:
-        """Safe from any thread of the loop's own (the action calls it on the loop)."""
+        """Look at the store now (an action scheduled a cool-down); call it on the loop."""
         self._wake.set()
 
     async def stop(self) -> None:
@@ -267,8 +269,10 @@ class CooldownWorker:
         """Handle every row due now; return how many were taken."""
         cfg = self._config()
         now = time.time() if now is None else now
-        lease = max(30.0, cfg.ami.timeout * 4)
-        rows = await asyncio.to_thread(self._store.claim, now, lease)
+        # Long enough for every AMI exchange of the batch to time out (each is bounded by
+        # twice [ami] timeout): no other instance takes a row while this one may still act.
+        lease = 10.0 + CLAIM_BATCH * cfg.ami.timeout * 2
+        rows = await asyncio.to_thread(self._store.claim, now, lease, CLAIM_BATCH)
         for row in rows:
             await self._handle(row, cfg, now)
         return len(rows)
