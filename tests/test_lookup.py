@@ -114,3 +114,22 @@ def test_a_slow_store_gives_unknown_and_the_call_goes_on(serving, tmp_path, monk
 def test_flag_thresholds():
     cfg = LookupConfig(watch_at=2, flag_at=4)
     assert [flag(n, cfg) for n in range(6)] == ["none", "none", "watch", "watch", "flagged", "flagged"]
+
+
+def test_the_lookup_counts_as_the_console_does_on_both_stores(store_url):
+    from calmline.store import Database
+
+    db = Database(store_url)
+    db.open_checked()
+    number = "+15550004444"
+    for n, (action, days) in enumerate([("warn", 1), ("end", 2), ("transfer/colleague", 5), ("warn", 120)]):
+        escalate(db, number, action, NOW - timedelta(days=days), linkedid=f"call-{n // 2 if n < 2 else n}")
+    lookups = CallerLookups(db, workers=1)
+    try:
+        record = lookups.record(number, 90)
+        nobody = lookups.record("+15550009999", 90)
+    finally:
+        lookups.close()
+    assert record.escalations == CallerHistory(db).calls(number, NOW - timedelta(days=90)) == 2
+    assert record.last_action == "warn" and record.last() == f"warn {(NOW - timedelta(days=1)).date()}"
+    assert (nobody.escalations, nobody.last()) == (0, "")
