@@ -1,4 +1,4 @@
-"""The `calmline` command: serve, check, dialplan, prompts, outbox, audit, report, install-unit.
+"""The `calmline` command: serve, check, dialplan, prompts, outbox, audit, report, console, install-unit.
 
 Exit statuses follow click's convention: 0 success, 1 a check or operation failed,
 2 a usage or configuration error (with one line per problem, naming the key and the fix).
@@ -234,6 +234,53 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_console(args: argparse.Namespace) -> int:
+    """Serve the console, or add or remove a supervisor's account (recorded in the trail)."""
+    from calmline.audit.store import AuditStore, stamp
+    from calmline.console.accounts import AccountError, Accounts
+    from calmline.store import Database
+
+    cfg, _source = _load(args)
+    db = Database(cfg.store.url, password=cfg.store.resolved_password())
+    db.open_checked()
+    command = getattr(args, "console_command", None)
+    if command is None:
+        from calmline.console.serve import run
+
+        run(cfg, db)
+        return EXIT_OK
+    accounts = Accounts(db)
+    if command == "add-user":
+        if not args.password_stdin:
+            raise ConfigError(["console add-user: pass --password-stdin and the password on stdin "
+                               "(it never goes on the command line, where `ps` shows it)"])
+        password = sys.stdin.readline().rstrip("\r\n")
+        try:
+            done = accounts.add(args.name, password, replace=args.replace)
+        except AccountError as exc:
+            raise ConfigError([f"console add-user: {exc}"]) from None
+        if not done:
+            print(f"calmline: the account {args.name!r} exists; pass --replace to set a new password",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        event, said = "console_user_added", f"account {args.name} {'updated' if args.replace else 'added'}"
+    elif command == "remove-user":
+        if not accounts.remove(args.name):
+            print(f"calmline: no account {args.name!r}", file=sys.stderr)
+            return EXIT_FAILED
+        event, said = "console_user_removed", f"account {args.name} removed; its logins end now"
+    else:
+        for name in accounts.names():
+            print(name)
+        return EXIT_OK
+    store = AuditStore(db)
+    store.open()
+    store.submit(stamp("info", {"event": event, "supervisor": args.name, **_os_user()}))
+    store.close()
+    print(said)
+    return EXIT_OK
+
+
 def cmd_dialplan(args: argparse.Namespace) -> int:
     from calmline.admin import dialplan
 
@@ -415,6 +462,18 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--output", type=Path, default=Path("calmline-report.html"),
                      help="the HTML file to write (default calmline-report.html)")
     rep.set_defaults(func=cmd_report)
+
+    con = sub.add_parser("console", help="serve the supervisors' web console on console.host/port; "
+                                         "add-user / remove-user manage its accounts")
+    con.set_defaults(func=cmd_console)
+    con_sub = con.add_subparsers(dest="console_command", metavar="[add-user|remove-user|users]", title="commands")
+    add = con_sub.add_parser("add-user", help="create a supervisor's account (password read from stdin)")
+    add.add_argument("name")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    add.add_argument("--replace", action="store_true", help="set a new password for an existing account")
+    remove = con_sub.add_parser("remove-user", help="remove an account; its open sessions end")
+    remove.add_argument("name")
+    con_sub.add_parser("users", help="list the accounts")
     return parser
 
 

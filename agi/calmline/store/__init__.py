@@ -57,6 +57,22 @@ class Connection:
         else:
             self.raw.executemany(sql, rows)
 
+    def stream(self, sql: str, params: Sequence[Any], size: int = 500) -> Iterator[list[Any]]:
+        """The rows of one query a batch at a time, without holding them all in memory
+        (a server-side cursor on PostgreSQL); other statements may run between batches."""
+        if self.kind == "postgresql":
+            with self.raw.transaction(), self.raw.cursor(name=f"calmline_{os.urandom(4).hex()}") as cursor:
+                cursor.execute(self._sql(sql), params)
+                while rows := cursor.fetchmany(size):
+                    yield rows
+            return
+        cursor = self.raw.execute(sql, params)
+        try:
+            while rows := cursor.fetchmany(size):
+                yield rows
+        finally:
+            cursor.close()
+
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """One transaction; on SQLite it takes the write lock at once (BEGIN IMMEDIATE)."""

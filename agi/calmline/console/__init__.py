@@ -1,0 +1,1 @@
+"""`calmline console`: the supervisors' web console over the store the service writes."""

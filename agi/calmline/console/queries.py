@@ -1,0 +1,543 @@
+"""What the console's pages read, as SQL both engines run, over the store's indexes.
+
+An *escalation* is the `session_start` event of a session whose action is an escalation
+(warn, a transfer, end); its kind comes from its action and, for a warning, from its steps
+(a final warning, or the ladder run out into an end). A *call* is one linkedid. Every query
+is bounded by a time range on the (event, ts) index, a linkedid, a caller number or a page,
+and aggregates in SQL: nothing reads the events table whole into Python.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, time, timedelta, timezone
+from typing import Any
+from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
+
+from calmline.audit.history import ESCALATION_PATHS, ESCALATION_WHERE, WITHHELD, WITHHELD_SQL, as_ts
+from calmline.store import Connection
+
+KINDS = ("warning", "final_warning", "transfer", "end")
+KIND_LABELS = {"warning": "warning", "final_warning": "final warning", "transfer": "transfer",
+               "supervisor": "transfer to supervisor", "colleague": "transfer to colleague", "end": "end"}
+OUTCOMES = ("completed", "caller_hung_up", "prompt_missing", "other")
+MAIL_STATUSES = ("pending", "sent", "failed", "none")
+SORTS = {"started": "MIN(e.ts)", "last": "MAX(e.ts)", "caller": "MAX(e.caller_number)",
+         "presses": "COUNT(*)"}
+
+_ESC = ESCALATION_WHERE.replace("event =", "e.event =").replace("action IN", "e.action IN")
+
+
+def _step_exists(step: str, extra: str = "") -> str:
+    return (f"EXISTS (SELECT 1 FROM events x WHERE x.session = e.session AND x.event = 'step' "
+            f"AND x.step = '{step}'{extra})")
+
+
+# JSON as calmline encodes it (", " and ": " separators): a quote inside a string is escaped,
+# so this text can only be the step's own `final` key.
+FINAL = _step_exists("warning_played", " AND x.data LIKE '%\"final\": true%'")
+EXHAUSTED = _step_exists("ladder_exhausted")
+KIND_SQL = (f"CASE WHEN e.action = 'warn' THEN (CASE WHEN {EXHAUSTED} THEN 'end' WHEN {FINAL} "
+            f"THEN 'final_warning' ELSE 'warning' END) WHEN e.action = 'end' THEN 'end' "
+            f"WHEN e.action = 'transfer/supervisor' THEN 'supervisor' ELSE 'colleague' END")
+_KIND_WHERE = {
+    "warning": f"e.action = 'warn' AND NOT {EXHAUSTED} AND NOT {FINAL}",
+    "final_warning": f"e.action = 'warn' AND NOT {EXHAUSTED} AND {FINAL}",
+    "transfer": "e.action LIKE 'transfer/%'",
+    "end": f"(e.action = 'end' OR (e.action = 'warn' AND {EXHAUSTED}))",
+}
+# The agent's endpoint: its channel without Asterisk's per-channel suffix
+# (PJSIP/alice-0000002a -> PJSIP/alice; Local/x@ctx-00000001;1 -> Local/x@ctx).
+ENDPOINT_SQL = ("(CASE WHEN e.agent LIKE '%-________;_' THEN substr(e.agent, 1, length(e.agent) - 11) "
+                "WHEN e.agent LIKE '%-________' THEN substr(e.agent, 1, length(e.agent) - 9) "
+                "ELSE COALESCE(e.agent, '') END)")
+_OUTCOME = "EXISTS (SELECT 1 FROM events x WHERE x.session = e.session AND x.event = 'session_end' AND x.outcome {})"
+_END_OUTCOME = ("(SELECT x.outcome FROM events x WHERE x.session = e.session AND x.event = 'session_end' "
+                "ORDER BY x.id LIMIT 1)")
+
+
+def kind_group(kind: str) -> str:
+    return "transfer" if kind in ("supervisor", "colleague") else kind
+
+
+def _like(text: str) -> str:
+    return "%" + text.lower().replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
+
+
+# ---------------------------------------------------------------------------------------------
+# Filters
+
+
+@dataclass(frozen=True)
+class Filters:
+    """The /calls filters as the query string carries them; `since`/`until` are local dates
+    (or date-times), `until` inclusive of its day."""
+
+    since: str = ""
+    until: str = ""
+    agent: str = ""
+    caller: str = ""
+    number: str = ""
+    kind: str = ""
+    outcome: str = ""
+    mail: str = ""
+    sort: str = "started"
+    order: str = "desc"
+    page: int = 1
+    problems: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, query: Any, zone: ZoneInfo, *, default_days: int | None = 30,
+              now: datetime | None = None) -> Filters:
+        problems = []
+
+        def get(name: str, allowed: tuple[str, ...] | None = None) -> str:
+            value = (query.get(name) or "").strip()[:200]
+            if allowed is not None and value and value not in allowed:
+                problems.append(f"{name}: {value!r} is not one of {', '.join(allowed)}")
+                return ""
+            return value
+
+        if "since" in query or default_days is None:
+            since = get("since")
+        else:  # no since at all (not an empty one): the last `default_days` days
+            today = (datetime.now(zone) if now is None else now.astimezone(zone)).date()
+            since = (today - timedelta(days=default_days - 1)).isoformat()
+        try:
+            page = max(1, min(int(query.get("page") or 1), 1_000_000))
+        except ValueError:
+            page = 1
+        filters = cls(since=since, until=get("until"), agent=get("agent"), caller=get("caller"),
+                      number=get("number"), kind=get("kind", KINDS), outcome=get("outcome", OUTCOMES),
+                      mail=get("mail", MAIL_STATUSES), sort=get("sort", tuple(SORTS)) or "started",
+                      order=get("order", ("asc", "desc")) or "desc", page=page)
+        for name in ("since", "until"):
+            try:
+                _moment(getattr(filters, name), zone, name == "until")
+            except ValueError:
+                problems.append(f"{name}: {getattr(filters, name)!r} is not a date; write 2026-05-01 "
+                                "or 2026-05-01T09:30")
+                filters = replace(filters, **{name: ""})
+        return replace(filters, problems=tuple(problems))
+
+    def bounds(self, zone: ZoneInfo) -> tuple[datetime | None, datetime | None]:
+        return _moment(self.since, zone, False), _moment(self.until, zone, True)
+
+    def query(self, **changes: Any) -> str:
+        """The query string of these filters (with changes), for links and the CSV."""
+        values = {**{k: getattr(self, k) for k in ("since", "until", "agent", "caller", "number", "kind",
+                                                  "outcome", "mail", "sort", "order", "page")}, **changes}
+        if values["sort"] == "started":
+            values.pop("sort")
+        if values["order"] == "desc":
+            values.pop("order")
+        if values["page"] == 1:
+            values.pop("page")
+        out = {k: v for k, v in values.items() if v not in ("", None) or k == "since"}
+        return urlencode(out)
+
+    def where(self, zone: ZoneInfo) -> tuple[str, list[Any]]:
+        """The WHERE clause over escalations `e`, and its parameters."""
+        sql, params = [_ESC], list(ESCALATION_PATHS)
+        since, until = self.bounds(zone)
+        if since is not None:
+            sql.append("e.ts >= ?")
+            params.append(as_ts(since))
+        if until is not None:
+            sql.append("e.ts < ?")
+            params.append(as_ts(until))
+        if self.number:
+            sql.append("e.caller_number = ?")
+            params.append(self.number)
+        if self.caller:
+            sql.append("(lower(COALESCE(e.caller_number, '')) LIKE ? ESCAPE '!' "
+                       "OR lower(COALESCE(e.caller_name, '')) LIKE ? ESCAPE '!')")
+            params += [_like(self.caller)] * 2
+        if self.agent:
+            sql.append(f"{ENDPOINT_SQL} = ?")
+            params.append(self.agent)
+        if self.kind:
+            sql.append(_KIND_WHERE[self.kind])
+        if self.outcome == "other":
+            sql.append("NOT " + _OUTCOME.format("IN ('completed', 'caller_hung_up', 'prompt_missing')"))
+        elif self.outcome:
+            sql.append(_OUTCOME.format("= ?"))
+            params.append(self.outcome)
+        if self.mail == "none":
+            sql.append("NOT EXISTS (SELECT 1 FROM outbox o WHERE o.linkedid = e.linkedid AND o.kind = 'team')")
+        elif self.mail:
+            sql.append("EXISTS (SELECT 1 FROM outbox o WHERE o.linkedid = e.linkedid AND o.kind = 'team' "
+                       "AND o.status = ?)")
+            params.append(self.mail)
+        return " AND ".join(sql), params
+
+
+def _moment(text: str, zone: ZoneInfo, end: bool) -> datetime | None:
+    """A local date (its midnight; with `end`, the next midnight) or date-time, in UTC."""
+    if not text:
+        return None
+    if len(text) == 10:
+        day = date.fromisoformat(text)
+        local = datetime.combine(day + timedelta(days=1) if end else day, time.min, zone)
+    else:
+        local = datetime.fromisoformat(text)
+        local = local.replace(tzinfo=zone) if local.tzinfo is None else local
+        if end and local.second == 0 and local.microsecond == 0 and "T" in text and text.count(":") == 1:
+            local += timedelta(minutes=1)  # 09:30 means up to the end of that minute
+    return local.astimezone(timezone.utc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calls
+
+
+@dataclass
+class Escalation:
+    ts: str
+    session: str
+    action: str
+    agent: str
+    kind: str
+    outcome: str
+
+
+@dataclass
+class CallRow:
+    linkedid: str
+    started: str
+    last: str
+    presses: int
+    caller_number: str
+    caller_name: str
+    escalations: list[Escalation] = field(default_factory=list)
+    mail: str = ""  # the team's callback mail: pending, sent, failed or "" (none)
+    caller_mail: str = ""
+
+    @property
+    def agents(self) -> list[str]:
+        return list(dict.fromkeys(endpoint(e.agent) for e in self.escalations if e.agent))
+
+    @property
+    def outcome(self) -> str:
+        return self.escalations[-1].outcome if self.escalations else ""
+
+
+def endpoint(channel: str | None) -> str:
+    """ENDPOINT_SQL in Python."""
+    channel = channel or ""
+    if re.search(r"-.{8};.$", channel, re.S):
+        return channel[:-11]
+    if re.search(r"-.{8}$", channel, re.S):
+        return channel[:-9]
+    return channel
+
+
+def _calls_sql(filters: Filters, zone: ZoneInfo) -> tuple[str, list[Any]]:
+    where, params = filters.where(zone)
+    order = "DESC" if filters.order == "desc" else "ASC"
+    sql = (f"SELECT e.linkedid, MIN(e.ts), MAX(e.ts), COUNT(*), MAX(e.caller_number), MAX(e.caller_name) "
+           f"FROM events e WHERE {where} GROUP BY e.linkedid "
+           f"ORDER BY {SORTS[filters.sort]} {order}, e.linkedid {order}")
+    return sql, params
+
+
+def count_calls(conn: Connection, filters: Filters, zone: ZoneInfo) -> int:
+    where, params = filters.where(zone)
+    return int(conn.execute(f"SELECT COUNT(DISTINCT e.linkedid) FROM events e WHERE {where}",
+                            params).fetchone()[0] or 0)
+
+
+def calls_page(conn: Connection, filters: Filters, zone: ZoneInfo, size: int) -> list[CallRow]:
+    sql, params = _calls_sql(filters, zone)
+    rows = conn.execute(sql + " LIMIT ? OFFSET ?", (*params, size, (filters.page - 1) * size)).fetchall()
+    calls = [CallRow(r[0], r[1], r[2], int(r[3]), r[4] or "", r[5] or "") for r in rows]
+    _details(conn, calls)
+    return calls
+
+
+def iter_calls(conn: Connection, filters: Filters, zone: ZoneInfo, chunk: int = 500) -> Iterator[CallRow]:
+    """Every call of the filtered set, in the page order, a chunk at a time."""
+    sql, params = _calls_sql(filters, zone)
+    for rows in conn.stream(sql, params, chunk):
+        calls = [CallRow(r[0], r[1], r[2], int(r[3]), r[4] or "", r[5] or "") for r in rows]
+        _details(conn, calls)
+        yield from calls
+
+
+def _details(conn: Connection, calls: list[CallRow]) -> None:
+    """Each call's escalations (all of them, whatever matched) and its mail, in two queries."""
+    if not calls:
+        return
+    by_id = {c.linkedid: c for c in calls}
+    marks = ", ".join("?" * len(by_id))
+    rows = conn.execute(
+        f"SELECT e.linkedid, e.ts, e.session, e.action, e.agent, {KIND_SQL}, {_END_OUTCOME} FROM events e "
+        f"WHERE e.linkedid IN ({marks}) AND {_ESC} ORDER BY e.ts, e.id",
+        (*by_id, *ESCALATION_PATHS)).fetchall()
+    for r in rows:
+        by_id[r[0]].escalations.append(Escalation(r[1], r[2] or "", r[3] or "", r[4] or "", r[5],
+                                                  r[6] or "unfinished"))
+    for linkedid, kind, status in conn.execute(
+            f"SELECT linkedid, kind, status FROM outbox WHERE linkedid IN ({marks})", tuple(by_id)).fetchall():
+        if kind == "team":
+            by_id[linkedid].mail = status
+        else:
+            by_id[linkedid].caller_mail = status
+
+
+# ---------------------------------------------------------------------------------------------
+# One call
+
+
+@dataclass
+class Leg:
+    """One session: an action on one channel of the call, with its steps."""
+
+    session: str
+    action: str
+    channel: str
+    uniqueid: str
+    agent: str
+    started: str
+    outcome: str = "unfinished"
+    error: str = ""
+    duration_ms: float | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        names = {s.get("step") for s in self.steps}
+        if self.action == "warn":
+            if "ladder_exhausted" in names:
+                return "end"
+            final = any(s.get("step") == "warning_played" and s.get("final") is True for s in self.steps)
+            return "final_warning" if final else "warning"
+        return {"end": "end", "transfer/supervisor": "supervisor", "transfer/result": "result"}.get(
+            self.action, "colleague" if self.action.startswith("transfer/") else "other")
+
+
+@dataclass
+class CallDetail:
+    linkedid: str
+    caller_number: str
+    caller_name: str
+    legs: list[Leg]
+    mails: list[dict[str, Any]]
+    others: list[tuple[str, str, int]]  # the same caller's other calls: linkedid, started, presses
+    truncated: bool = False
+
+    @property
+    def transfers(self) -> list[dict[str, Any]]:
+        """Each transfer's result, with who took the call when it was answered."""
+        dialled = {}
+        for leg in self.legs:
+            for step in leg.steps:
+                if step.get("step") == "caller_transferred":
+                    dialled[step.get("target")] = step.get("extension") or step.get("dial") or ""
+        out = []
+        for leg in self.legs:
+            for step in leg.steps:
+                if step.get("step") == "transfer_result":
+                    target = step.get("target") or ""
+                    out.append({**step, "answered_by": dialled.get(target, "") if step.get("answered") else ""})
+        return out
+
+
+CALL_EVENTS_LIMIT = 5000
+
+
+def call_detail(conn: Connection, linkedid: str) -> CallDetail | None:
+    rows = conn.execute(
+        "SELECT event, session, action, ts, data FROM events WHERE linkedid = ? ORDER BY ts, id LIMIT ?",
+        (linkedid, CALL_EVENTS_LIMIT + 1)).fetchall()
+    if not rows:
+        return None
+    legs: dict[str, Leg] = {}
+    number = name = ""
+    for event, session, action, ts, data in rows[:CALL_EVENTS_LIMIT]:
+        if event.startswith("console_") or not session:
+            continue
+        try:
+            fields = json.loads(data)
+        except ValueError:
+            fields = {}
+        leg = legs.get(session)
+        if leg is None:
+            leg = legs[session] = Leg(session, action or "", str(fields.get("channel") or ""),
+                                      str(fields.get("uniqueid") or ""), str(fields.get("agent") or ""), ts)
+        number = number or str(fields.get("caller_number") or "")
+        name = name or str(fields.get("caller_name") or "")
+        if event == "step":
+            leg.steps.append(fields)
+        elif event == "session_end":
+            leg.outcome = str(fields.get("outcome") or "unknown")
+            leg.error = str(fields.get("error") or "")
+            duration = fields.get("duration_ms")
+            leg.duration_ms = duration if isinstance(duration, (int, float)) else None
+        elif event != "session_start":
+            leg.problems.append(fields)
+    mails = []
+    for kind, status, attempts, last_error, queued_at, sent_at, recipient in conn.execute(
+            "SELECT kind, status, attempts, last_error, queued_at, sent_at, recipient FROM outbox "
+            "WHERE linkedid = ? ORDER BY kind DESC", (linkedid,)).fetchall():
+        mails.append({"kind": kind, "status": status, "attempts": attempts, "last_error": last_error or "",
+                      "queued_at": _from_epoch(queued_at), "sent_at": _from_epoch(sent_at),
+                      "recipient": recipient or ""})
+    others: list[tuple[str, str, int]] = []
+    if number and number.strip().lower() not in WITHHELD:
+        others = [(r[0], r[1], int(r[2])) for r in conn.execute(
+            f"SELECT e.linkedid, MIN(e.ts), COUNT(*) FROM events e WHERE e.caller_number = ? AND {_ESC} "
+            f"AND e.linkedid <> ? GROUP BY e.linkedid ORDER BY MIN(e.ts) DESC LIMIT 50",
+            (number, *ESCALATION_PATHS, linkedid)).fetchall()]
+    return CallDetail(linkedid, number, name, list(legs.values()), mails, others,
+                      truncated=len(rows) > CALL_EVENTS_LIMIT)
+
+
+def _from_epoch(value: float | None) -> str:
+    if value is None:
+        return ""
+    return datetime.fromtimestamp(float(value), timezone.utc).isoformat(timespec="microseconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# Agents, trends, live
+
+
+@dataclass
+class AgentRow:
+    agent: str
+    calls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    presses: int = 0
+    last_end: str = ""
+    last: str = ""
+
+
+def agents(conn: Connection, filters: Filters, zone: ZoneInfo) -> list[AgentRow]:
+    """Per agent endpoint: calls with each kind, key presses, the last call they ended."""
+    where, params = replace(filters, agent="", kind="").where(zone)
+    kind = f"CASE WHEN ({KIND_SQL}) IN ('supervisor', 'colleague') THEN 'transfer' ELSE ({KIND_SQL}) END"
+    rows = conn.execute(
+        f"SELECT ep, k, COUNT(DISTINCT linkedid), COUNT(*), MAX(ts) FROM "
+        f"(SELECT {ENDPOINT_SQL} AS ep, {kind} AS k, e.linkedid AS linkedid, e.ts AS ts FROM events e "
+        f"WHERE {where}) AS esc GROUP BY ep, k", params).fetchall()
+    out: dict[str, AgentRow] = {}
+    for ep, k, calls, presses, last in rows:
+        row = out.setdefault(ep or "", AgentRow(ep or ""))
+        row.calls[k] = int(calls)
+        row.presses += int(presses)
+        row.last = max(row.last, last or "")
+        if k == "end":
+            row.last_end = max(row.last_end, last or "")
+    return sorted(out.values(), key=lambda a: (-a.presses, a.agent))
+
+
+@dataclass
+class Trends:
+    days: list[tuple[date, dict[str, int]]]
+    heat: list[list[int]]  # [weekday 0=Mon][hour] escalations
+    markers: list[dict[str, Any]]  # config changes: at (UTC ts), kind, fingerprint
+
+
+def trends(conn: Connection, filters: Filters, zone: ZoneInfo) -> Trends:
+    """Escalations per local day by kind and per local hour of the week, from per-UTC-hour
+    counts in SQL; and the times the service started or reloaded with a changed config."""
+    where, params = replace(filters, kind="").where(zone)
+    group = f"CASE WHEN ({KIND_SQL}) IN ('supervisor', 'colleague') THEN 'transfer' ELSE ({KIND_SQL}) END"
+    rows = conn.execute(
+        f"SELECT h, k, COUNT(*) FROM (SELECT substr(e.ts, 1, 13) AS h, {group} AS k FROM events e "
+        f"WHERE {where}) AS esc GROUP BY h, k", params).fetchall()
+    per_day: dict[date, dict[str, int]] = {}
+    heat = [[0] * 24 for _ in range(7)]
+    for hour, kind, count in rows:
+        try:
+            local = datetime.fromisoformat(hour + ":00:00+00:00").astimezone(zone)
+        except ValueError:
+            continue
+        per_day.setdefault(local.date(), dict.fromkeys(KINDS, 0))[kind] += int(count)
+        heat[local.weekday()][local.hour] += int(count)
+    since, until = filters.bounds(zone)
+    days: list[tuple[date, dict[str, int]]] = []
+    if per_day or since:
+        first = since.astimezone(zone).date() if since else min(per_day)
+        last = (until - timedelta(microseconds=1)).astimezone(zone).date() if until else \
+            max([datetime.now(zone).date(), *per_day])
+        day = first
+        while day <= last and len(days) < 3700:
+            days.append((day, per_day.get(day, dict.fromkeys(KINDS, 0))))
+            day += timedelta(days=1)
+    return Trends(days, heat, config_changes(conn, since, until))
+
+
+def config_changes(conn: Connection, since: datetime | None, until: datetime | None) -> list[dict[str, Any]]:
+    """Starts and reloads whose config fingerprint differs from the one in use before."""
+    where, params = "event IN ('service_started', 'config_reloaded')", []
+    previous = None
+    if since is not None:
+        row = conn.execute(f"SELECT data FROM events WHERE {where} AND ts < ? ORDER BY ts DESC LIMIT 1",
+                           (as_ts(since),)).fetchone()
+        previous = _fingerprint(row[0]) if row else None
+        where += " AND ts >= ?"
+        params.append(as_ts(since))
+    if until is not None:
+        where += " AND ts < ?"
+        params.append(as_ts(until))
+    markers = []
+    for event, ts, data in conn.execute(f"SELECT event, ts, data FROM events WHERE {where} ORDER BY ts LIMIT 10000",
+                                        params).fetchall():
+        fingerprint = _fingerprint(data)
+        if fingerprint and previous and fingerprint != previous:  # the first start changes nothing
+            markers.append({"at": ts, "event": event, "fingerprint": fingerprint, "previous": previous or ""})
+        previous = fingerprint or previous
+    return markers
+
+
+def _fingerprint(data: str) -> str:
+    try:
+        return str(json.loads(data).get("fingerprint") or "")
+    except (ValueError, AttributeError):
+        return ""
+
+
+LIVE_EVENTS = ("session_start", "step", "session_end")
+
+
+def live_since(conn: Connection, since: datetime) -> tuple[list[dict[str, Any]], int]:
+    """Escalations started since `since` (at most 500, newest last), and the newest event id."""
+    last_id = conn.execute("SELECT MAX(id) FROM events").fetchone()[0] or 0
+    rows = conn.execute(
+        f"SELECT e.session, e.ts, e.action, e.agent, e.caller_number, e.caller_name, e.linkedid, {KIND_SQL}, "
+        f"{_END_OUTCOME} FROM events e WHERE {_ESC} AND e.ts >= ? ORDER BY e.ts DESC LIMIT 500",
+        (*ESCALATION_PATHS, as_ts(since))).fetchall()
+    items = [_live_item(r) for r in reversed(rows)]
+    return items, int(last_id)
+
+
+def live_after(conn: Connection, after_id: int) -> tuple[list[dict[str, Any]], int]:
+    """Escalations that started, moved on (a step) or ended since event `after_id`."""
+    rows = conn.execute(
+        "SELECT id, session FROM events WHERE id > ? AND event IN ('session_start', 'step', 'session_end') "
+        "AND action IN (" + ", ".join("?" * len(ESCALATION_PATHS)) + ") ORDER BY id LIMIT 2000",
+        (after_id, *ESCALATION_PATHS)).fetchall()
+    if not rows:
+        return [], after_id
+    sessions = list(dict.fromkeys(r[1] for r in rows if r[1]))
+    marks = ", ".join("?" * len(sessions))
+    found = conn.execute(
+        f"SELECT e.session, e.ts, e.action, e.agent, e.caller_number, e.caller_name, e.linkedid, {KIND_SQL}, "
+        f"{_END_OUTCOME} FROM events e WHERE e.session IN ({marks}) AND e.event = 'session_start' ORDER BY e.ts",
+        sessions).fetchall()
+    return [_live_item(r) for r in found], int(rows[-1][0])
+
+
+def _live_item(r: tuple) -> dict[str, Any]:
+    return {"session": r[0], "ts": r[1], "action": r[2], "agent": endpoint(r[3]), "caller_number": r[4] or "",
+            "caller_name": r[5] or "", "linkedid": r[6] or "", "kind": r[7], "outcome": r[8] or ""}
+
+
+def withheld_sql() -> tuple[str, tuple[str, ...]]:
+    return WITHHELD_SQL, WITHHELD
