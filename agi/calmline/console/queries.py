@@ -1,10 +1,10 @@
 """What the console's pages read, as SQL both engines run, over the store's indexes.
 
-An *escalation* is the `session_start` event of a session whose action is an escalation
-(warn, a transfer, end); its kind comes from its action and, for a warning, from its steps
-(a final warning, or the ladder run out into an end). A *call* is one linkedid. Every query
-is bounded by a time range on the (event, ts) index, a linkedid, a caller number or a page,
-and aggregates in SQL: nothing reads the events table whole into Python.
+An *escalation* is one session whose action is an escalation (warn, a transfer, end): a row
+of `escalations`, which triggers on `events` keep (its kind comes from the action and, for
+a warning, from its steps: a final warning, or the ladder run out into an end). A *call* is
+one linkedid. Every query is bounded by a time range, a linkedid, a caller number, a
+session or a page on an index, and aggregates in SQL: nothing reads a table whole into Python.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
-from calmline.audit.history import ESCALATION_PATHS, ESCALATION_WHERE, WITHHELD, WITHHELD_SQL, as_ts
+from calmline.audit.history import ESCALATION_PATHS, WITHHELD, WITHHELD_SQL, as_ts
 from calmline.store import Connection
 
 KINDS = ("warning", "final_warning", "transfer", "end")
@@ -29,35 +29,17 @@ MAIL_STATUSES = ("pending", "sent", "failed", "none")
 SORTS = {"started": "MIN(e.ts)", "last": "MAX(e.ts)", "caller": "MAX(e.caller_number)",
          "presses": "COUNT(*)"}
 
-_ESC = ESCALATION_WHERE.replace("event =", "e.event =").replace("action IN", "e.action IN")
-
-
-def _step_exists(step: str, extra: str = "") -> str:
-    return (f"EXISTS (SELECT 1 FROM events x WHERE x.session = e.session AND x.event = 'step' "
-            f"AND x.step = '{step}'{extra})")
-
-
-# JSON as calmline encodes it (", " and ": " separators): a quote inside a string is escaped,
-# so this text can only be the step's own `final` key.
-FINAL = _step_exists("warning_played", " AND x.data LIKE '%\"final\": true%'")
-EXHAUSTED = _step_exists("ladder_exhausted")
-KIND_SQL = (f"CASE WHEN e.action = 'warn' THEN (CASE WHEN {EXHAUSTED} THEN 'end' WHEN {FINAL} "
-            f"THEN 'final_warning' ELSE 'warning' END) WHEN e.action = 'end' THEN 'end' "
-            f"WHEN e.action = 'transfer/supervisor' THEN 'supervisor' ELSE 'colleague' END")
+# Escalations are rows of the `escalations` table (schema migration 3), which triggers on
+# `events` keep: its kind, agent endpoint and outcome are columns, so filters are plain
+# comparisons on indexed columns.
+_OTHER_OUTCOME = "(e.outcome IS NULL OR e.outcome NOT IN ('completed', 'caller_hung_up', 'prompt_missing'))"
 _KIND_WHERE = {
-    "warning": f"e.action = 'warn' AND NOT {EXHAUSTED} AND NOT {FINAL}",
-    "final_warning": f"e.action = 'warn' AND NOT {EXHAUSTED} AND {FINAL}",
-    "transfer": "e.action LIKE 'transfer/%'",
-    "end": f"(e.action = 'end' OR (e.action = 'warn' AND {EXHAUSTED}))",
+    "warning": "e.kind = 'warning'",
+    "final_warning": "e.kind = 'final_warning'",
+    "transfer": "e.kind IN ('supervisor', 'colleague')",
+    "end": "e.kind = 'end'",
 }
-# The agent's endpoint: its channel without Asterisk's per-channel suffix
-# (PJSIP/alice-0000002a -> PJSIP/alice; Local/x@ctx-00000001;1 -> Local/x@ctx).
-ENDPOINT_SQL = ("(CASE WHEN e.agent LIKE '%-________;_' THEN substr(e.agent, 1, length(e.agent) - 11) "
-                "WHEN e.agent LIKE '%-________' THEN substr(e.agent, 1, length(e.agent) - 9) "
-                "ELSE COALESCE(e.agent, '') END)")
-_OUTCOME = "EXISTS (SELECT 1 FROM events x WHERE x.session = e.session AND x.event = 'session_end' AND x.outcome {})"
-_END_OUTCOME = ("(SELECT x.outcome FROM events x WHERE x.session = e.session AND x.event = 'session_end' "
-                "ORDER BY x.id LIMIT 1)")
+KIND_GROUP_SQL = "CASE WHEN e.kind IN ('supervisor', 'colleague') THEN 'transfer' ELSE e.kind END"
 
 
 def kind_group(kind: str) -> str:
@@ -142,7 +124,7 @@ class Filters:
 
     def where(self, zone: ZoneInfo) -> tuple[str, list[Any]]:
         """The WHERE clause over escalations `e`, and its parameters."""
-        sql, params = [_ESC], list(ESCALATION_PATHS)
+        sql, params = ["1 = 1"], []
         since, until = self.bounds(zone)
         if since is not None:
             sql.append("e.ts >= ?")
@@ -158,14 +140,14 @@ class Filters:
                        "OR lower(COALESCE(e.caller_name, '')) LIKE ? ESCAPE '!')")
             params += [_like(self.caller)] * 2
         if self.agent:
-            sql.append(f"{ENDPOINT_SQL} = ?")
+            sql.append("e.endpoint = ?")
             params.append(self.agent)
         if self.kind:
             sql.append(_KIND_WHERE[self.kind])
         if self.outcome == "other":
-            sql.append("NOT " + _OUTCOME.format("IN ('completed', 'caller_hung_up', 'prompt_missing')"))
+            sql.append(_OTHER_OUTCOME)
         elif self.outcome:
-            sql.append(_OUTCOME.format("= ?"))
+            sql.append("e.outcome = ?")
             params.append(self.outcome)
         if self.mail == "none":
             sql.append("NOT EXISTS (SELECT 1 FROM outbox o WHERE o.linkedid = e.linkedid AND o.kind = 'team')")
@@ -240,14 +222,14 @@ def _calls_sql(filters: Filters, zone: ZoneInfo) -> tuple[str, list[Any]]:
     where, params = filters.where(zone)
     order = "DESC" if filters.order == "desc" else "ASC"
     sql = (f"SELECT e.linkedid, MIN(e.ts), MAX(e.ts), COUNT(*), MAX(e.caller_number), MAX(e.caller_name) "
-           f"FROM events e WHERE {where} GROUP BY e.linkedid "
+           f"FROM escalations e WHERE {where} GROUP BY e.linkedid "
            f"ORDER BY {SORTS[filters.sort]} {order}, e.linkedid {order}")
     return sql, params
 
 
 def count_calls(conn: Connection, filters: Filters, zone: ZoneInfo) -> int:
     where, params = filters.where(zone)
-    return int(conn.execute(f"SELECT COUNT(DISTINCT e.linkedid) FROM events e WHERE {where}",
+    return int(conn.execute(f"SELECT COUNT(DISTINCT e.linkedid) FROM escalations e WHERE {where}",
                             params).fetchone()[0] or 0)
 
 
@@ -275,9 +257,8 @@ def _details(conn: Connection, calls: list[CallRow]) -> None:
     by_id = {c.linkedid: c for c in calls}
     marks = ", ".join("?" * len(by_id))
     rows = conn.execute(
-        f"SELECT e.linkedid, e.ts, e.session, e.action, e.agent, {KIND_SQL}, {_END_OUTCOME} FROM events e "
-        f"WHERE e.linkedid IN ({marks}) AND {_ESC} ORDER BY e.ts, e.id",
-        (*by_id, *ESCALATION_PATHS)).fetchall()
+        f"SELECT e.linkedid, e.ts, e.session, e.action, e.agent, e.kind, e.outcome FROM escalations e "
+        f"WHERE e.linkedid IN ({marks}) ORDER BY e.ts, e.id", tuple(by_id)).fetchall()
     for r in rows:
         by_id[r[0]].escalations.append(Escalation(r[1], r[2] or "", r[3] or "", r[4] or "", r[5],
                                                   r[6] or "unfinished"))
@@ -391,9 +372,9 @@ def call_detail(conn: Connection, linkedid: str) -> CallDetail | None:
     others: list[tuple[str, str, int]] = []
     if number and number.strip().lower() not in WITHHELD:
         others = [(r[0], r[1], int(r[2])) for r in conn.execute(
-            f"SELECT e.linkedid, MIN(e.ts), COUNT(*) FROM events e WHERE e.caller_number = ? AND {_ESC} "
-            f"AND e.linkedid <> ? GROUP BY e.linkedid ORDER BY MIN(e.ts) DESC LIMIT 50",
-            (number, *ESCALATION_PATHS, linkedid)).fetchall()]
+            "SELECT e.linkedid, MIN(e.ts), COUNT(*) FROM escalations e WHERE e.caller_number = ? "
+            "AND e.linkedid <> ? GROUP BY e.linkedid ORDER BY MIN(e.ts) DESC LIMIT 50",
+            (number, linkedid)).fetchall()]
     return CallDetail(linkedid, number, name, list(legs.values()), mails, others,
                       truncated=len(rows) > CALL_EVENTS_LIMIT)
 
@@ -420,11 +401,9 @@ class AgentRow:
 def agents(conn: Connection, filters: Filters, zone: ZoneInfo) -> list[AgentRow]:
     """Per agent endpoint: calls with each kind, key presses, the last call they ended."""
     where, params = replace(filters, agent="", kind="").where(zone)
-    kind = f"CASE WHEN ({KIND_SQL}) IN ('supervisor', 'colleague') THEN 'transfer' ELSE ({KIND_SQL}) END"
     rows = conn.execute(
-        f"SELECT ep, k, COUNT(DISTINCT linkedid), COUNT(*), MAX(ts) FROM "
-        f"(SELECT {ENDPOINT_SQL} AS ep, {kind} AS k, e.linkedid AS linkedid, e.ts AS ts FROM events e "
-        f"WHERE {where}) AS esc GROUP BY ep, k", params).fetchall()
+        f"SELECT e.endpoint, {KIND_GROUP_SQL}, COUNT(DISTINCT e.linkedid), COUNT(*), MAX(e.ts) FROM escalations e "
+        f"WHERE {where} GROUP BY e.endpoint, {KIND_GROUP_SQL}", params).fetchall()
     out: dict[str, AgentRow] = {}
     for ep, k, calls, presses, last in rows:
         row = out.setdefault(ep or "", AgentRow(ep or ""))
@@ -447,10 +426,9 @@ def trends(conn: Connection, filters: Filters, zone: ZoneInfo) -> Trends:
     """Escalations per local day by kind and per local hour of the week, from per-UTC-hour
     counts in SQL; and the times the service started or reloaded with a changed config."""
     where, params = replace(filters, kind="").where(zone)
-    group = f"CASE WHEN ({KIND_SQL}) IN ('supervisor', 'colleague') THEN 'transfer' ELSE ({KIND_SQL}) END"
     rows = conn.execute(
-        f"SELECT h, k, COUNT(*) FROM (SELECT substr(e.ts, 1, 13) AS h, {group} AS k FROM events e "
-        f"WHERE {where}) AS esc GROUP BY h, k", params).fetchall()
+        f"SELECT substr(e.ts, 1, 13), {KIND_GROUP_SQL}, COUNT(*) FROM escalations e "
+        f"WHERE {where} GROUP BY substr(e.ts, 1, 13), {KIND_GROUP_SQL}", params).fetchall()
     per_day: dict[date, dict[str, int]] = {}
     heat = [[0] * 24 for _ in range(7)]
     for hour, kind, count in rows:
@@ -503,16 +481,15 @@ def _fingerprint(data: str) -> str:
         return ""
 
 
-LIVE_EVENTS = ("session_start", "step", "session_end")
+_LIVE = "e.session, e.ts, e.action, e.agent, e.caller_number, e.caller_name, e.linkedid, e.kind, e.outcome"
 
 
 def live_since(conn: Connection, since: datetime) -> tuple[list[dict[str, Any]], int]:
     """Escalations started since `since` (at most 500, newest last), and the newest event id."""
     last_id = conn.execute("SELECT MAX(id) FROM events").fetchone()[0] or 0
     rows = conn.execute(
-        f"SELECT e.session, e.ts, e.action, e.agent, e.caller_number, e.caller_name, e.linkedid, {KIND_SQL}, "
-        f"{_END_OUTCOME} FROM events e WHERE {_ESC} AND e.ts >= ? ORDER BY e.ts DESC LIMIT 500",
-        (*ESCALATION_PATHS, as_ts(since))).fetchall()
+        f"SELECT {_LIVE} FROM escalations e WHERE e.ts >= ? ORDER BY e.ts DESC LIMIT 500",
+        (as_ts(since),)).fetchall()
     items = [_live_item(r) for r in reversed(rows)]
     return items, int(last_id)
 
@@ -527,10 +504,8 @@ def live_after(conn: Connection, after_id: int) -> tuple[list[dict[str, Any]], i
         return [], after_id
     sessions = list(dict.fromkeys(r[1] for r in rows if r[1]))
     marks = ", ".join("?" * len(sessions))
-    found = conn.execute(
-        f"SELECT e.session, e.ts, e.action, e.agent, e.caller_number, e.caller_name, e.linkedid, {KIND_SQL}, "
-        f"{_END_OUTCOME} FROM events e WHERE e.session IN ({marks}) AND e.event = 'session_start' ORDER BY e.ts",
-        sessions).fetchall()
+    found = conn.execute(f"SELECT {_LIVE} FROM escalations e WHERE e.session IN ({marks}) ORDER BY e.ts",
+                         sessions).fetchall()
     return [_live_item(r) for r in found], int(rows[-1][0])
 
 

@@ -158,3 +158,109 @@ MIGRATIONS: list[tuple[int, str, dict[str, list[str]]]] = [
 ]
 
 VERSION = MIGRATIONS[-1][0]
+
+
+# --- 3: escalations, one row per escalation, kept by the database itself -----------------------
+# The console's lists, counts and filters read this narrow table instead of grouping the
+# events: triggers fill it in the same statement that inserts (or prunes) the events, so it
+# can never disagree with them; the migration fills it from the events already stored.
+
+_PATHS = "('warn', 'transfer/supervisor', 'transfer/colleague', 'transfer/colleague-keyed', 'end')"
+_FINAL = """'%"final": true%'"""
+
+
+def _endpoint(column: str) -> str:
+    return (f"CASE WHEN {column} LIKE '%-________;_' THEN substr({column}, 1, length({column}) - 11) "
+            f"WHEN {column} LIKE '%-________' THEN substr({column}, 1, length({column}) - 9) "
+            f"ELSE COALESCE({column}, '') END")
+
+
+def _start_kind(action: str) -> str:
+    return (f"CASE {action} WHEN 'warn' THEN 'warning' WHEN 'end' THEN 'end' "
+            f"WHEN 'transfer/supervisor' THEN 'supervisor' ELSE 'colleague' END")
+
+
+_ESCALATIONS = """
+CREATE TABLE escalations (
+    id {serial},
+    session TEXT,
+    linkedid TEXT,
+    ts TEXT NOT NULL,
+    action TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    agent TEXT,
+    caller_number TEXT,
+    caller_name TEXT,
+    outcome TEXT
+)"""
+
+_ESCALATION_INDEXES = [
+    "CREATE INDEX escalations_ts ON escalations (ts, linkedid)",
+    "CREATE INDEX escalations_linkedid ON escalations (linkedid, ts)",
+    "CREATE INDEX escalations_session ON escalations (session)",
+    "CREATE INDEX escalations_endpoint ON escalations (endpoint, ts)",
+    "CREATE INDEX escalations_caller ON escalations (caller_number, ts)",
+    "CREATE INDEX escalations_kind ON escalations (kind, ts)",
+]
+
+_BACKFILL = f"""
+INSERT INTO escalations (session, linkedid, ts, action, kind, endpoint, agent, caller_number, caller_name, outcome)
+SELECT e.session, e.linkedid, e.ts, e.action,
+    CASE WHEN e.action = 'warn' AND EXISTS (SELECT 1 FROM events x WHERE x.session = e.session
+             AND x.event = 'step' AND x.step = 'ladder_exhausted') THEN 'end'
+         WHEN e.action = 'warn' AND EXISTS (SELECT 1 FROM events x WHERE x.session = e.session
+             AND x.event = 'step' AND x.step = 'warning_played' AND x.data LIKE {_FINAL}) THEN 'final_warning'
+         ELSE {_start_kind('e.action')} END,
+    {_endpoint('e.agent')}, e.agent, e.caller_number, e.caller_name,
+    (SELECT x.outcome FROM events x WHERE x.session = e.session AND x.event = 'session_end' ORDER BY x.id LIMIT 1)
+FROM events e WHERE e.event = 'session_start' AND e.action IN {_PATHS} ORDER BY e.id"""
+
+_INSERT_NEW = (f"INSERT INTO escalations (session, linkedid, ts, action, kind, endpoint, agent, caller_number, "
+               f"caller_name) VALUES (NEW.session, NEW.linkedid, NEW.ts, NEW.action, {_start_kind('NEW.action')}, "
+               f"{_endpoint('NEW.agent')}, NEW.agent, NEW.caller_number, NEW.caller_name)")
+_STEP_KIND = (f"UPDATE escalations SET kind = CASE WHEN NEW.step = 'ladder_exhausted' THEN 'end' "
+              f"WHEN kind = 'warning' AND NEW.data LIKE {_FINAL} THEN 'final_warning' ELSE kind END "
+              f"WHERE session = NEW.session AND action = 'warn'")
+_END_OUTCOME = "UPDATE escalations SET outcome = NEW.outcome WHERE session = NEW.session AND outcome IS NULL"
+_FORGET = "DELETE FROM escalations WHERE session = OLD.session AND ts = OLD.ts"
+
+_SQLITE_TRIGGERS = [
+    f"CREATE TRIGGER escalation_started AFTER INSERT ON events "
+    f"WHEN NEW.event = 'session_start' AND NEW.action IN {_PATHS} BEGIN {_INSERT_NEW}; END",
+    f"CREATE TRIGGER escalation_step AFTER INSERT ON events "
+    f"WHEN NEW.event = 'step' AND NEW.step IN ('warning_played', 'ladder_exhausted') BEGIN {_STEP_KIND}; END",
+    f"CREATE TRIGGER escalation_ended AFTER INSERT ON events "
+    f"WHEN NEW.event = 'session_end' AND NEW.action IN {_PATHS} BEGIN {_END_OUTCOME}; END",
+    f"CREATE TRIGGER escalation_pruned AFTER DELETE ON events "
+    f"WHEN OLD.event = 'session_start' AND OLD.action IN {_PATHS} BEGIN {_FORGET}; END",
+]
+
+_PG_TRIGGERS = [
+    f"""CREATE FUNCTION calmline_escalations() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        IF OLD.event = 'session_start' AND OLD.action IN {_PATHS} THEN {_FORGET}; END IF;
+        RETURN NULL;
+    END IF;
+    IF NEW.event = 'session_start' AND NEW.action IN {_PATHS} THEN {_INSERT_NEW};
+    ELSIF NEW.event = 'step' AND NEW.step IN ('warning_played', 'ladder_exhausted') THEN {_STEP_KIND};
+    ELSIF NEW.event = 'session_end' AND NEW.action IN {_PATHS} THEN {_END_OUTCOME};
+    END IF;
+    RETURN NULL;
+END
+$fn$""",
+    "CREATE TRIGGER escalations_sync AFTER INSERT OR DELETE ON events FOR EACH ROW "
+    "EXECUTE FUNCTION calmline_escalations()",
+]
+
+
+def _escalations() -> dict[str, list[str]]:
+    both = _both(_ESCALATIONS, *_ESCALATION_INDEXES, _BACKFILL)
+    both["sqlite"] += _SQLITE_TRIGGERS
+    both["postgresql"] += _PG_TRIGGERS
+    return both
+
+
+MIGRATIONS.append((3, "escalations, kept by triggers on events", _escalations()))
+VERSION = MIGRATIONS[-1][0]
