@@ -1,5 +1,8 @@
 """A caller's history of escalated calls, counted in SQL over the store's indexes.
 
+The counts read `escalations` (one row per escalation, kept by triggers on the events, schema
+migration 3) through its (caller_number, ts, linkedid) and (ts, linkedid) indexes.
+
 An *escalated call* is one linkedid on which an agent pressed a calmline code (a warning,
 a transfer or an end) at least once. The console's repeat-callers page and any action that
 wants to know "has this number been abusive before?" count the same way, here.
@@ -81,9 +84,8 @@ class CallerHistory:
         conn = self.db.connect()
         try:
             row = conn.execute(
-                f"SELECT COUNT(DISTINCT COALESCE(linkedid, session)) FROM events "
-                f"WHERE caller_number = ? AND {ESCALATION_WHERE}{bounds}",
-                (number, *ESCALATION_PATHS, *params)).fetchone()
+                f"SELECT COUNT(DISTINCT linkedid) FROM escalations "
+                f"WHERE caller_number = ?{bounds}", (number, *params)).fetchone()
         finally:
             conn.close()
         return int(row[0] or 0)
@@ -95,16 +97,20 @@ class CallerHistory:
         conn = self.db.connect()
         try:
             rows = conn.execute(
-                f"SELECT caller_number, COUNT(DISTINCT COALESCE(linkedid, session)) AS calls, "
-                f"COUNT(*), MAX(ts), MAX(caller_name) FROM events "
-                f"WHERE {ESCALATION_WHERE}{bounds} AND NOT {WITHHELD_SQL} "
-                f"GROUP BY caller_number HAVING COUNT(DISTINCT COALESCE(linkedid, session)) >= ? "
+                f"SELECT caller_number, COUNT(DISTINCT linkedid) AS calls, COUNT(*), MAX(ts) FROM escalations "
+                f"WHERE 1 = 1{bounds} AND NOT {WITHHELD_SQL} "
+                f"GROUP BY caller_number HAVING COUNT(DISTINCT linkedid) >= ? "
                 f"ORDER BY calls DESC, caller_number LIMIT ?",
-                (*ESCALATION_PATHS, *params, *WITHHELD, max(1, minimum), limit)).fetchall()
+                (*params, *WITHHELD, max(1, minimum), limit)).fetchall()
+            names = {}
+            for number, *_ in rows:  # one name per number shown: the greatest, for a stable answer
+                names[number] = conn.execute(
+                    f"SELECT MAX(caller_name) FROM escalations WHERE caller_number = ?{bounds}",
+                    (number, *params)).fetchone()[0] or ""
         finally:
             conn.close()
         return [RepeatCaller(number=r[0], calls=int(r[1]), escalations=int(r[2]), last_at=r[3],
-                             name=r[4] or "") for r in rows]
+                             name=names[r[0]]) for r in rows]
 
     def withheld(self, since: datetime | None = None, until: datetime | None = None) -> Withheld:
         """Escalated calls from withheld numbers in the range: a group, not a caller."""
@@ -112,9 +118,8 @@ class CallerHistory:
         conn = self.db.connect()
         try:
             row = conn.execute(
-                f"SELECT COUNT(DISTINCT COALESCE(linkedid, session)), COUNT(*) FROM events "
-                f"WHERE {ESCALATION_WHERE}{bounds} AND {WITHHELD_SQL}",
-                (*ESCALATION_PATHS, *params, *WITHHELD)).fetchone()
+                f"SELECT COUNT(DISTINCT linkedid), COUNT(*) FROM escalations WHERE 1 = 1{bounds} AND {WITHHELD_SQL}",
+                (*params, *WITHHELD)).fetchone()
         finally:
             conn.close()
         return Withheld(calls=int(row[0] or 0), escalations=int(row[1] or 0))

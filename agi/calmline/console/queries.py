@@ -221,7 +221,7 @@ def endpoint(channel: str | None) -> str:
 def _calls_sql(filters: Filters, zone: ZoneInfo) -> tuple[str, list[Any]]:
     where, params = filters.where(zone)
     order = "DESC" if filters.order == "desc" else "ASC"
-    sql = (f"SELECT e.linkedid, MIN(e.ts), MAX(e.ts), COUNT(*), MAX(e.caller_number), MAX(e.caller_name) "
+    sql = (f"SELECT e.linkedid, MIN(e.ts), MAX(e.ts), COUNT(*), MAX(e.caller_number) "
            f"FROM escalations e WHERE {where} GROUP BY e.linkedid "
            f"ORDER BY {SORTS[filters.sort]} {order}, e.linkedid {order}")
     return sql, params
@@ -236,7 +236,7 @@ def count_calls(conn: Connection, filters: Filters, zone: ZoneInfo) -> int:
 def calls_page(conn: Connection, filters: Filters, zone: ZoneInfo, size: int) -> list[CallRow]:
     sql, params = _calls_sql(filters, zone)
     rows = conn.execute(sql + " LIMIT ? OFFSET ?", (*params, size, (filters.page - 1) * size)).fetchall()
-    calls = [CallRow(r[0], r[1], r[2], int(r[3]), r[4] or "", r[5] or "") for r in rows]
+    calls = [CallRow(r[0], r[1], r[2], int(r[3]), r[4] or "", "") for r in rows]
     _details(conn, calls)
     return calls
 
@@ -245,7 +245,7 @@ def iter_calls(conn: Connection, filters: Filters, zone: ZoneInfo, chunk: int = 
     """Every call of the filtered set, in the page order, a chunk at a time."""
     sql, params = _calls_sql(filters, zone)
     for rows in conn.stream(sql, params, chunk):
-        calls = [CallRow(r[0], r[1], r[2], int(r[3]), r[4] or "", r[5] or "") for r in rows]
+        calls = [CallRow(r[0], r[1], r[2], int(r[3]), r[4] or "", "") for r in rows]
         _details(conn, calls)
         yield from calls
 
@@ -257,10 +257,13 @@ def _details(conn: Connection, calls: list[CallRow]) -> None:
     by_id = {c.linkedid: c for c in calls}
     marks = ", ".join("?" * len(by_id))
     rows = conn.execute(
-        f"SELECT e.linkedid, e.ts, e.session, e.action, e.agent, e.kind, e.outcome FROM escalations e "
-        f"WHERE e.linkedid IN ({marks}) ORDER BY e.ts, e.id", tuple(by_id)).fetchall()
+        f"SELECT e.linkedid, e.ts, e.session, e.action, e.agent, e.kind, e.outcome, e.caller_number, e.caller_name "
+        f"FROM escalations e WHERE e.linkedid IN ({marks}) ORDER BY e.ts, e.id", tuple(by_id)).fetchall()
     for r in rows:
-        by_id[r[0]].escalations.append(Escalation(r[1], r[2] or "", r[3] or "", r[4] or "", r[5],
+        call = by_id[r[0]]
+        call.caller_number = call.caller_number or r[7] or ""
+        call.caller_name = call.caller_name or r[8] or ""
+        call.escalations.append(Escalation(r[1], r[2] or "", r[3] or "", r[4] or "", r[5],
                                                   r[6] or "unfinished"))
     for linkedid, kind, status in conn.execute(
             f"SELECT linkedid, kind, status FROM outbox WHERE linkedid IN ({marks})", tuple(by_id)).fetchall():
