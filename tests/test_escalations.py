@@ -1,4 +1,4 @@
-"""The escalations table: what the triggers keep equals what migration 4 derives from the
+"""The escalations table: what the triggers keep equals what migration 6 derives from the
 events, on both engines, and a prune takes its rows with the events."""
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def test_the_triggers_keep_one_row_per_escalation(db):
     ]
 
 
-def test_migration_4_derives_the_same_rows_from_an_older_store(db):
+def test_migration_6_derives_the_same_rows_from_an_older_store(db):
     fill(db)
     kept = rows(db)
     conn = db.connect()
@@ -77,7 +77,7 @@ def test_migration_4_derives_the_same_rows_from_an_older_store(db):
             conn.execute("DROP TRIGGER escalations_sync ON events")
             conn.execute("DROP FUNCTION calmline_escalations()")
         conn.execute("DROP TABLE escalations")
-        conn.execute("DELETE FROM schema_version WHERE version >= 4")
+        conn.execute("DELETE FROM schema_version WHERE version >= 6")
     finally:
         conn.close()
     db.open_checked()

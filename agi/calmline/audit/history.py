@@ -1,7 +1,7 @@
 """A caller's history of escalated calls, counted in SQL over the store's indexes.
 
 The counts read `escalations` (one row per escalation, kept by triggers on the events, schema
-migration 4) through its (caller_number, ts, linkedid) and (ts, linkedid) indexes.
+migration 6) through its (caller_number, ts, linkedid) and (ts, linkedid) indexes.
 
 An *escalated call* is one linkedid on which an agent pressed a calmline code (a warning,
 a transfer or an end) at least once. The console's repeat-callers page and any action that
@@ -84,7 +84,7 @@ class CallerHistory:
         conn = self.db.connect()
         try:
             row = conn.execute(
-                f"SELECT COUNT(DISTINCT linkedid) FROM escalations "
+                f"SELECT COUNT(DISTINCT COALESCE(linkedid, session)) FROM escalations "
                 f"WHERE caller_number = ?{bounds}", (number, *params)).fetchone()
         finally:
             conn.close()

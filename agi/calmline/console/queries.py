@@ -29,7 +29,7 @@ MAIL_STATUSES = ("pending", "sent", "failed", "none")
 SORTS = {"started": "MIN(e.ts)", "last": "MAX(e.ts)", "caller": "MAX(e.caller_number)",
          "presses": "COUNT(*)"}
 
-# Escalations are rows of the `escalations` table (schema migration 4), which triggers on
+# Escalations are rows of the `escalations` table (schema migration 6), which triggers on
 # `events` keep: its kind, agent endpoint and outcome are columns, so filters are plain
 # comparisons on indexed columns.
 _OTHER_OUTCOME = "(e.outcome IS NULL OR e.outcome NOT IN ('completed', 'caller_hung_up', 'prompt_missing'))"

@@ -160,7 +160,7 @@ MIGRATIONS: list[tuple[int, str, dict[str, list[str]]]] = [
 VERSION = MIGRATIONS[-1][0]
 
 
-# --- 4: escalations, one row per escalation, kept by the database itself -----------------------
+# --- 6: escalations, one row per escalation, kept by the database itself -----------------------
 # The console's lists, counts and filters read this narrow table instead of grouping the
 # events: triggers fill it in the same statement that inserts (or prunes) the events, so it
 # can never disagree with them; the migration fills it from the events already stored.
@@ -263,5 +263,5 @@ def _escalations() -> dict[str, list[str]]:
     return both
 
 
-MIGRATIONS.append((4, "escalations, kept by triggers on events", _escalations()))
+MIGRATIONS.append((6, "escalations, kept by triggers on events", _escalations()))
 VERSION = MIGRATIONS[-1][0]
