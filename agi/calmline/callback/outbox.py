@@ -21,6 +21,7 @@ accepts a message and the reply is lost, it is sent again, with the same Message
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -176,6 +177,24 @@ def backoff(attempts: int, cfg: MailConfig) -> float:
     return min(cfg.retry_initial_seconds * (2.0**exponent), cfg.retry_max_seconds)
 
 
+def _reconnecting(method):
+    """Run once more on a new connection when the old one turned out dead (the database restarted
+    since its last use): each method is one transaction, so nothing half-done is repeated."""
+
+    @functools.wraps(method)
+    def run(self: Outbox, *args, **kwargs):
+        with self._lock:
+            fresh = self._db is None
+            try:
+                return method(self, *args, **kwargs)
+            except DATABASE_ERRORS:
+                if fresh or self._db is not None:
+                    raise  # not a stale connection: the error is the database's answer now
+                return method(self, *args, **kwargs)
+
+    return run
+
+
 class Outbox:
     """The outbox table of the store; thread-safe, and shared by every process that opens it."""
 
@@ -236,6 +255,7 @@ class Outbox:
 
     # --- queueing ---
 
+    @_reconnecting
     def add(self, request: CallbackRequest, *, now: float | None = None) -> bool:
         """Queue the team mail (and the caller mail when the address is usable).
 
@@ -285,6 +305,7 @@ class Outbox:
         """On PostgreSQL, rows another worker is claiming right now are passed over."""
         return " FOR UPDATE SKIP LOCKED" if self.db.kind == "postgresql" else ""
 
+    @_reconnecting
     def due(self, now: float, limit: int = 50, *, claim_for: float | None = None) -> list[OutboxItem]:
         """Pending messages whose next attempt is at or before `now`, oldest first.
 
@@ -305,6 +326,7 @@ class Outbox:
                 )
         return [_item(row) for row in rows]
 
+    @_reconnecting
     def next_due(self) -> float | None:
         """The earliest next attempt among pending messages, or None when none is pending."""
         with self._read() as db:
@@ -313,6 +335,7 @@ class Outbox:
             ).fetchone()
         return row[0]
 
+    @_reconnecting
     def mark_sent(self, item: OutboxItem, reply: str, now: float) -> None:
         """Record that the SMTP server accepted the message at `now`, with its reply to DATA."""
         with self._tx() as db:
@@ -322,6 +345,7 @@ class Outbox:
                 (now, reply, item.id),
             )
 
+    @_reconnecting
     def mark_retry(self, item: OutboxItem, error: str, now: float, cfg: MailConfig) -> OutboxItem:
         """Record a failed attempt: retry after backoff, or `failed` after `cfg.max_attempts`.
 
@@ -349,12 +373,14 @@ class Outbox:
 
     # --- inspection and admin ---
 
+    @_reconnecting
     def items(self) -> list[OutboxItem]:
         """All messages, in the order they were queued."""
         with self._read() as db:
             rows = db.execute(f"SELECT {_COLUMNS} FROM outbox ORDER BY id").fetchall()
         return [_item(row) for row in rows]
 
+    @_reconnecting
     def retry_now(self) -> int:
         """Make every pending and failed message due now.
 
@@ -369,6 +395,7 @@ class Outbox:
         log.info("outbox_retry_now", messages=changed)
         return changed
 
+    @_reconnecting
     def counts(self) -> dict[str, int]:
         """Number of messages per status (every status present, 0 when none)."""
         with self._read() as db:

@@ -31,6 +31,11 @@ except ImportError:  # PostgreSQL support is optional
 
 _MIGRATION_LOCK = 0x63616C6D  # "calm": the advisory lock two instances starting at once share
 
+# A server that vanished without closing the connection (a failover, a cut network) is noticed
+# within seconds, not after the kernel's TCP timeouts; the URL's query may set these otherwise.
+_PG_DEFAULTS = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2",
+                "keepalives_count": "3", "tcp_user_timeout": "10000", "connect_timeout": "5"}
+
 
 @functools.lru_cache(maxsize=512)
 def _pg_sql(sql: str) -> str:
@@ -137,8 +142,11 @@ class Database:
 
     def connect(self) -> Connection:
         if self.kind == "postgresql":
-            kwargs = {"password": self._password} if self._password else {}
-            raw = psycopg.connect(self.url, autocommit=True, connect_timeout=5, **kwargs)
+            given = psycopg.conninfo.conninfo_to_dict(self.url)
+            kwargs = {k: v for k, v in _PG_DEFAULTS.items() if k not in given}
+            if self._password:
+                kwargs["password"] = self._password
+            raw = psycopg.connect(self.url, autocommit=True, **kwargs)
             return Connection(raw, "postgresql")
         assert self.path is not None
         self._create_private(self.path)
