@@ -191,3 +191,16 @@ def test_webhook_workers_claiming_at_once_never_get_the_same_row(store_url):
         t.join(60)
     every = [i for ids in got for i in ids]
     assert len(every) == 120 and len(set(every)) == 120
+
+
+def test_postgresql_options_in_the_url_query_reach_the_server(pg_database):
+    db = opened(pg_database + "?application_name=calmline-a&connect_timeout=3")
+    conn = db.connect()
+    try:
+        assert conn.execute("SELECT current_setting('application_name')").fetchone() == ("calmline-a",)
+    finally:
+        conn.close()
+    # the test server has no TLS: sslmode=require must be refused, in one line naming the key
+    with pytest.raises(StoreError, match=r"^store\.url: cannot open postgresql://postgres@127\.0\.0\.1:\d+/"
+                                         r"calmline_t_\w+: .*SSL.*; check that the server is up"):
+        opened(pg_database + "?sslmode=require")

@@ -1,4 +1,5 @@
-"""The `calmline` command: serve, check, dialplan, prompts, outbox, audit, report, console, install-unit.
+"""The `calmline` command: serve, check, dialplan, prompts, outbox, store, audit, report, console,
+install-unit.
 
 Exit statuses follow click's convention: 0 success, 1 a check or operation failed,
 2 a usage or configuration error (with one line per problem, naming the key and the fix).
@@ -10,6 +11,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 import unicodedata
 from pathlib import Path
 
@@ -344,6 +346,45 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         return EXIT_FAILED if args.retry_now and failed else EXIT_OK
 
 
+def cmd_store_migrate(args: argparse.Namespace) -> int:
+    """Copy a store into another (SQLite into PostgreSQL): idempotent and resumable."""
+    import os
+
+    from calmline.store import DATABASE_ERRORS, Database, reason
+    from calmline.store.copy import copy_store
+
+    password = os.environ.get(args.password_env) if args.password_env else None
+    if args.password_env and password is None:
+        raise ConfigError([f"--password-env: the environment variable {args.password_env} is not set"])
+    source = _named_store("--from", args.source, password)
+    target = _named_store("--to", args.target, password)
+    if source.path is not None and not source.path.is_file():
+        raise ConfigError([f"--from: no store at {source.path}; name the SQLite file calmline serve used "
+                           "(its store.url), e.g. sqlite:////var/lib/calmline/calmline.sqlite3"])
+    if source.url == target.url or (source.path is not None and source.path == target.path):
+        raise ConfigError(["--from and --to name the same store; --to is the store to copy into"])
+    started = time.monotonic()
+    try:
+        copied = copy_store(source, target, batch=args.batch)
+    except DATABASE_ERRORS as exc:
+        print(f"calmline: the copy from {source.where} to {target.where} stopped: {reason(exc)}; "
+              "run the same command again to go on from where it stopped", file=sys.stderr)
+        return EXIT_FAILED
+    rows = ", ".join(f"{c.rows:,} {c.table} rows" for c in copied)
+    print(f"copied {source.where} into {target.where}: {rows} offered in {time.monotonic() - started:.1f}s "
+          "(rows already there were kept as they were)")
+    return EXIT_OK
+
+
+def _named_store(option: str, url: str, password: str | None):
+    from calmline.store import Database
+
+    try:
+        return Database(url, password=password)
+    except ConfigError as exc:
+        raise ConfigError([p.replace("store.url:", f"{option}:", 1) for p in exc.problems]) from None
+
+
 def cmd_install_unit(args: argparse.Namespace) -> int:
     """Write calmline.service for this installation; say what would stop it from starting."""
     from calmline.admin import unit
@@ -375,6 +416,12 @@ def _positive_days(text: str) -> int:
     if not 1 <= days <= 3660:
         raise argparse.ArgumentTypeError("--days must be between 1 and 3660")
     return days
+
+
+def _positive_batch(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 100_000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of rows from 1 to 100000")
+    return int(text)
 
 
 def _positive_limit(text: str) -> int:
@@ -443,6 +490,21 @@ def build_parser() -> argparse.ArgumentParser:
     iu.add_argument("--exec-start", default=None,
                     help="the command that runs calmline (default: this installation's)")
     iu.set_defaults(func=cmd_install_unit)
+
+    st = sub.add_parser("store", help="manage the store: `store migrate` copies one into another")
+    st_sub = st.add_subparsers(dest="store_command", required=True)
+    mig = st_sub.add_parser(
+        "migrate", help="copy the audit trail and the outbox from one store into another "
+                        "(e.g. SQLite into PostgreSQL); idempotent, and resumes where it stopped")
+    mig.add_argument("--from", dest="source", required=True, metavar="URL",
+                     help="the store to copy, e.g. sqlite:////var/lib/calmline/calmline.sqlite3")
+    mig.add_argument("--to", dest="target", required=True, metavar="URL",
+                     help="the store to copy into, e.g. postgresql://calmline@db.example:5432/calmline")
+    mig.add_argument("--password-env", metavar="VAR", default=None,
+                     help="read the PostgreSQL password from this environment variable")
+    mig.add_argument("--batch", type=_positive_batch, default=2000, metavar="N",
+                     help="rows per transaction (default 2000)")
+    mig.set_defaults(func=cmd_store_migrate)
 
     audit = sub.add_parser("audit", help="print audit events as JSON lines")
     audit.add_argument("--linkedid", metavar="ID", help="only this call")
