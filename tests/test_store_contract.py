@@ -204,3 +204,56 @@ def test_postgresql_options_in_the_url_query_reach_the_server(pg_database):
     with pytest.raises(StoreError, match=r"^store\.url: cannot open postgresql://postgres@127\.0\.0\.1:\d+/"
                                          r"calmline_t_\w+: .*SSL.*; check that the server is up"):
         opened(pg_database + "?sslmode=require")
+
+
+class Blocker:
+    """Another client holding the events table: SQLite's write lock, or PostgreSQL's table lock
+    (the writer's commits then fail on one engine and hang on the other; both are outages)."""
+
+    def __init__(self, url: str):
+        self.conn = Database(url).connect()
+        if self.conn.kind == "sqlite":
+            self.conn.execute("BEGIN IMMEDIATE")
+        else:
+            self.conn.execute("BEGIN")
+            self.conn.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+
+    def release(self) -> None:
+        self.conn.execute("ROLLBACK")
+        self.conn.close()
+
+
+def test_a_store_that_holds_commits_costs_one_wait_and_keeps_a_bounded_backlog(store_url):
+    import asyncio
+
+    db = opened(store_url)
+    notices: list[str] = []
+    store = AuditStore(db, commit_timeout=0.5, max_pending=30, notice=notices.append)
+    store.open()
+
+    async def scenario() -> tuple[list[bool], list[float]]:
+        blocker = Blocker(store_url)
+        results, waits = [], []
+        try:
+            for n in range(40):
+                seq = store.submit(stamp("info", {"event": "step", "step": "warning_played", "n": n}))
+                started = time.monotonic()
+                results.append(await store.wait_durable(seq))
+                waits.append(time.monotonic() - started)
+        finally:
+            await asyncio.to_thread(blocker.release)
+        return results, waits
+
+    try:
+        results, waits = asyncio.run(scenario())
+        assert not any(results)
+        assert 0.4 <= waits[0] < 2.0 and max(waits[1:]) < 0.1  # one wait per outage
+        assert store.flush(20)
+    finally:
+        store.close()
+    stored = [e.get("n") for e in read_events(Database(store_url), limit=1000) if e["event"] == "step"]
+    assert stored == list(range(30))  # the first 30 waited in memory; the rest were refused
+    outage = [e for e in read_events(Database(store_url), limit=1000) if e["event"] == "audit_store_outage"]
+    assert outage and outage[0]["dropped"] == 10
+    assert any("wait for the store" in n and "dropped" in n for n in notices)
+    assert any("a step waited 0.5s (audit.commit_timeout)" in n for n in notices)

@@ -128,9 +128,11 @@ class AuditStore:
     async def wait_durable(self, seq: int) -> bool:
         """True once event `seq` is committed; False if the store refused it for
         `commit_timeout` seconds, or at once while it is known to refuse (one wait per outage)."""
+        if seq == 0:  # submit() refused it: it will never be committed
+            return False
         if seq <= self._durable:
             return True
-        if self._late or seq == 0:
+        if self._late:
             return False
         loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
