@@ -7,6 +7,8 @@ import email
 import json
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from aiosmtpd.controller import Controller
 from calmline.callback.mail import message_id
 from fake_asterisk import bridged_caller, environment, run_session
 from postgres import free_port
+import serve_process
 from serve_process import ServeProcess
 
 TEAM = "team@example.com"
@@ -180,6 +183,13 @@ def test_two_instances_share_the_trail_the_outbox_and_the_ladder(tmp_path, pg_da
         a_events = {e["event_id"] for e in a.events}
         served_by_b = [d for (d,) in warns if json.loads(d)["event_id"] not in a_events]
         assert len(served_by_b) == 2
+        # `calmline audit`, run with either config, shows the call whatever instance served it
+        shown = subprocess.run([sys.executable, "-m", "calmline", "-c", str(tmp_path / "a.toml"), "audit",
+                                "--linkedid", "1795350788.44"], env=serve_process.environment(), capture_output=True,
+                               text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        steps = [json.loads(line) for line in shown.stdout.splitlines()]
+        assert [e["warning"] for e in steps if e.get("step") == "warning_played"] == [1, 2, 3, 4]
     finally:
         a.stop()
         b.stop()
