@@ -36,6 +36,10 @@ def sqlite_store(path, events: int, mails: int) -> Database:
                 key=f"call-{n}", created_at=datetime(2026, 1, 1, tzinfo=timezone.utc), caller_number="+1555",
                 caller_name="C", caller_email="c@example.com" if n % 2 else None, agent="PJSIP/1",
                 warnings=2, reason="r", uniqueid=f"U{n}", linkedid=f"L{n}", channel="PJSIP/x"), now=1.0 + n)
+        conn = db.connect()
+        conn.execute("INSERT INTO console_users (name, password_hash, created_at) VALUES ('ana', 'hash-of-ana', "
+                     "'2026-01-01T00:00:00+00:00')")
+        conn.close()
         if mails:
             [first] = [i for i in outbox.items() if i.key == "call-0"]
             outbox.mark_sent(first, "250 ok", 5.0)
@@ -70,6 +74,7 @@ def test_migrate_copies_everything_once_and_again_adds_nothing(tmp_path, pg_data
     assert done.returncode == 0, err
     assert rows(pg_database, EVENTS) == rows(source, EVENTS)
     assert rows(pg_database, OUTBOX) == rows(source, OUTBOX)
+    assert rows(pg_database, "SELECT name, password_hash FROM console_users") == [("ana", "hash-of-ana")]
     assert "copied" in out and "3,000 events rows" in out and "60 outbox rows" in out
     lines = err.splitlines()  # not a terminal: plain lines, no redraws
     assert "events: 3,000 rows to copy" in lines

@@ -24,17 +24,20 @@ class Table:
     name: str
     columns: tuple[str, ...]  # copied as they are; `id` is the target's own
     key: tuple[str, ...]  # unique in both stores: what makes a row the same row
+    order: str = "id"  # copied in this order; a small table without ids goes by its key
 
 
 OUTBOX_COLUMNS = ("key", "kind", "recipient", "linkedid", "status", "attempts", "next_attempt",
                   "last_error", "smtp_reply", "queued_at", "sent_at", "request")
-TABLES = (Table("events", EVENT_COLUMNS, ("event_id",)), Table("outbox", OUTBOX_COLUMNS, ("key", "kind")))
+# The console's accounts come along; its failed-login counters (a lockout in progress) do not.
+TABLES = (Table("events", EVENT_COLUMNS, ("event_id",)), Table("outbox", OUTBOX_COLUMNS, ("key", "kind")),
+          Table("console_users", ("name", "password_hash", "created_at"), ("name",), order="name"))
 
 
 @dataclass
 class Copied:
     table: str
-    resumed_after: int  # the source id the copy started after (0: from the start)
+    resumed_after: int | str  # the source id the copy started after (0: from the start)
     rows: int  # rows read from the source and offered to the target this run
 
 
@@ -43,8 +46,10 @@ def _present(target: Connection, table: Table, values: tuple) -> bool:
     return target.execute(f"SELECT 1 FROM {table.name} WHERE {where} LIMIT 1", values).fetchone() is not None
 
 
-def resume_point(source: Connection, target: Connection, table: Table) -> int:
+def resume_point(source: Connection, target: Connection, table: Table) -> int | str:
     """The highest source id at or below which every row is in the target already."""
+    if table.order != "id":
+        return ""  # a small table: offered whole again
     keys = ", ".join(table.key)
     low, high = source.execute(f"SELECT min(id), max(id) FROM {table.name}").fetchone()
     if low is None:
@@ -78,7 +83,7 @@ class Progress:
         self._last = 0.0
         self._drawn = False
 
-    def start(self, table: str, total: int, resumed_after: int) -> None:
+    def start(self, table: str, total: int, resumed_after: int | str) -> None:
         self.table, self.total, self.done, self.began = table, total, 0, self.clock()
         where = f" (resuming after source id {resumed_after})" if resumed_after else ""
         self._line(f"{table}: {total:,} rows to copy{where}", final=True)
@@ -132,15 +137,16 @@ def copy_store(source_db: Database, target_db: Database, *, batch: int = 2000,
     try:
         for table in TABLES:
             after = resume_point(source, target, table)
-            total = source.execute(f"SELECT count(*) FROM {table.name} WHERE id > ?", (after,)).fetchone()[0]
+            order = table.order
+            total = source.execute(f"SELECT count(*) FROM {table.name} WHERE {order} > ?", (after,)).fetchone()[0]
             progress.start(table.name, total, after)
             columns = ", ".join(table.columns)
             insert = (f"INSERT INTO {table.name} ({columns}) VALUES ({', '.join('?' * len(table.columns))}) "
                       f"ON CONFLICT ({', '.join(table.key)}) DO NOTHING")
             copied, last = 0, after
             while True:
-                rows = source.execute(f"SELECT id, {columns} FROM {table.name} WHERE id > ? ORDER BY id LIMIT ?",
-                                      (last, batch)).fetchall()
+                rows = source.execute(f"SELECT {order}, {columns} FROM {table.name} WHERE {order} > ? "
+                                      f"ORDER BY {order} LIMIT ?", (last, batch)).fetchall()
                 if not rows:
                     break
                 with target.transaction():
