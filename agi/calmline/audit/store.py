@@ -213,8 +213,11 @@ class AuditStore:
             self.commits += 1
             with self._cond:
                 self._durable = max(self._durable, committed)
+                # an outage ends with this commit, not when the loop next runs: a step submitted
+                # by whoever saw the commit (flush) waits for its own instead of being let go
+                outage, self.failing_since, self._late = self.failing_since, None, False
                 self._cond.notify_all()
-            self._recovered()
+            self._recovered(outage)
             if self.on_commit is not None:
                 self.on_commit(elapsed, rows)
             loop = self._loop
@@ -244,12 +247,11 @@ class AuditStore:
             self._notice(f"calmline: cannot write the audit store {self.db.where}: {reason(exc)}; "
                          f"retrying, {waiting} events wait in memory")
 
-    def _recovered(self) -> None:
-        """After a commit that ends an outage (or a burst that overran `max_pending`)."""
-        if self.failing_since is None and not self._dropped:
+    def _recovered(self, since: float | None) -> None:
+        """After a commit that ends an outage begun at `since` (or a burst that overran `max_pending`)."""
+        if since is None and not self._dropped:
             return
-        seconds = time.monotonic() - self.failing_since if self.failing_since is not None else 0.0
-        self.failing_since = None
+        seconds = time.monotonic() - since if since is not None else 0.0
         with self._cond:
             dropped, self._dropped = self._dropped, 0
         self._notice(f"calmline: the audit store {self.db.where} is writable again after "
