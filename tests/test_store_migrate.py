@@ -37,6 +37,8 @@ def sqlite_store(path, events: int, mails: int) -> Database:
                 caller_name="C", caller_email="c@example.com" if n % 2 else None, agent="PJSIP/1",
                 warnings=2, reason="r", uniqueid=f"U{n}", linkedid=f"L{n}", channel="PJSIP/x"), now=1.0 + n)
         conn = db.connect()
+        conn.execute("INSERT INTO webhooks (key, url, queued_at, body) VALUES ('a-1', 'https://a.example/x', 1.0, "
+                     "'{}'), ('a-1', 'https://b.example/y', 1.0, '{}')")
         conn.execute("INSERT INTO console_users (name, password_hash, created_at) VALUES ('ana', 'hash-of-ana', "
                      "'2026-01-01T00:00:00+00:00')")
         conn.close()
@@ -75,6 +77,8 @@ def test_migrate_copies_everything_once_and_again_adds_nothing(tmp_path, pg_data
     assert rows(pg_database, EVENTS) == rows(source, EVENTS)
     assert rows(pg_database, OUTBOX) == rows(source, OUTBOX)
     assert rows(pg_database, "SELECT name, password_hash FROM console_users") == [("ana", "hash-of-ana")]
+    hooks = "SELECT key, url, status, body FROM webhooks ORDER BY id"
+    assert rows(pg_database, hooks) == rows(source, hooks) and len(rows(source, hooks)) == 2
     assert "copied" in out and "3,000 events rows" in out and "60 outbox rows" in out
     lines = err.splitlines()  # not a terminal: plain lines, no redraws
     assert "events: 3,000 rows to copy" in lines
@@ -125,6 +129,15 @@ def test_a_migration_killed_midway_resumes_where_it_stopped_with_progress_on_a_t
     assert first == f"events: {total - copied:,} rows to copy (resuming after source id {copied})", first
     assert rows(pg_database, EVENTS) == rows(source, EVENTS)
     assert [json.loads(d)["n"] for (d,) in rows(pg_database, "SELECT data FROM events ORDER BY id")] == list(range(total))
+
+
+def test_every_table_of_the_schema_is_copied_or_named_as_left_behind(tmp_path):
+    from calmline.store.copy import NOT_COPIED, TABLES
+
+    source = sqlite_store(tmp_path / "s.sqlite3", events=0, mails=0).url
+    tables = {name for (name,) in rows(source, "SELECT name FROM sqlite_master WHERE type = 'table' "
+                                               "AND name NOT LIKE 'sqlite_%'")}
+    assert tables == {t.name for t in TABLES} | set(NOT_COPIED)
 
 
 def test_migrate_names_the_problem_in_one_line(tmp_path, pg_database):
