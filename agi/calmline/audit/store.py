@@ -216,8 +216,17 @@ class AuditStore:
                 # an outage ends with this commit, not when the loop next runs: a step submitted
                 # by whoever saw the commit (flush) waits for its own instead of being let go
                 outage, self.failing_since, self._late = self.failing_since, None, False
+                dropped, self._dropped = self._dropped, 0
+                if outage is not None or dropped:
+                    # queued ahead of anything submitted after this commit was seen
+                    seconds = time.monotonic() - outage if outage is not None else 0.0
+                    self._seq += 1
+                    self._queue.append((self._seq, _row(stamp("warning", {
+                        "event": "audit_store_outage", "seconds": round(seconds, 3), "dropped": dropped}))))
                 self._cond.notify_all()
-            self._recovered(outage)
+            if outage is not None or dropped:
+                self._notice(f"calmline: the audit store {self.db.where} is writable again after "
+                             f"{seconds:.1f}s" + (f"; {dropped} events were dropped" if dropped else ""))
             if self.on_commit is not None:
                 self.on_commit(elapsed, rows)
             loop = self._loop
@@ -246,18 +255,6 @@ class AuditStore:
             self.failing_since = time.monotonic()
             self._notice(f"calmline: cannot write the audit store {self.db.where}: {reason(exc)}; "
                          f"retrying, {waiting} events wait in memory")
-
-    def _recovered(self, since: float | None) -> None:
-        """After a commit that ends an outage begun at `since` (or a burst that overran `max_pending`)."""
-        if since is None and not self._dropped:
-            return
-        seconds = time.monotonic() - since if since is not None else 0.0
-        with self._cond:
-            dropped, self._dropped = self._dropped, 0
-        self._notice(f"calmline: the audit store {self.db.where} is writable again after "
-                     f"{seconds:.1f}s" + (f"; {dropped} events were dropped" if dropped else ""))
-        self.submit(stamp("warning", {"event": "audit_store_outage", "seconds": round(seconds, 3),
-                                      "dropped": dropped}))
 
 
 # --- rows -----------------------------------------------------------------------------------
