@@ -39,6 +39,8 @@ def sqlite_store(path, events: int, mails: int) -> Database:
         conn = db.connect()
         conn.execute("INSERT INTO webhooks (key, url, queued_at, body) VALUES ('a-1', 'https://a.example/x', 1.0, "
                      "'{}'), ('a-1', 'https://b.example/y', 1.0, '{}')")
+        conn.execute("INSERT INTO cooldowns (key, interface, trigger, state, created_at, due_at, next_attempt) "
+                     "VALUES ('c-1', 'PJSIP/2001', 'warn', 'paused', 1.0, 2.0, 2.0)")
         conn.execute("INSERT INTO console_users (name, password_hash, created_at) VALUES ('ana', 'hash-of-ana', "
                      "'2026-01-01T00:00:00+00:00')")
         conn.close()
@@ -77,6 +79,8 @@ def test_migrate_copies_everything_once_and_again_adds_nothing(tmp_path, pg_data
     assert rows(pg_database, EVENTS) == rows(source, EVENTS)
     assert rows(pg_database, OUTBOX) == rows(source, OUTBOX)
     assert rows(pg_database, "SELECT name, password_hash FROM console_users") == [("ana", "hash-of-ana")]
+    pauses = "SELECT key, interface, state, due_at FROM cooldowns"
+    assert rows(pg_database, pauses) == rows(source, pauses) == [("c-1", "PJSIP/2001", "paused", 2.0)]
     hooks = "SELECT key, url, status, body FROM webhooks ORDER BY id"
     assert rows(pg_database, hooks) == rows(source, hooks) and len(rows(source, hooks)) == 2
     assert "copied" in out and "3,000 events rows" in out and "60 outbox rows" in out

@@ -31,9 +31,12 @@ OUTBOX_COLUMNS = ("key", "kind", "recipient", "linkedid", "status", "attempts", 
                   "last_error", "smtp_reply", "queued_at", "sent_at", "request")
 WEBHOOK_COLUMNS = ("key", "url", "linkedid", "status", "attempts", "next_attempt", "last_error",
                    "http_status", "queued_at", "sent_at", "body")
+COOLDOWN_COLUMNS = ("key", "interface", "linkedid", "trigger", "state", "queues", "created_at", "due_at",
+                    "next_attempt", "attempts", "owner", "outcome", "last_error")
 # The console's accounts come along; its failed-login counters (a lockout in progress) do not.
 TABLES = (Table("events", EVENT_COLUMNS, ("event_id",)), Table("outbox", OUTBOX_COLUMNS, ("key", "kind")),
           Table("webhooks", WEBHOOK_COLUMNS, ("key", "url")),
+          Table("cooldowns", COOLDOWN_COLUMNS, ("key",)),
           Table("console_users", ("name", "password_hash", "created_at"), ("name",), order="name"))
 NOT_COPIED = ("schema_version", "console_failures")
 
