@@ -38,7 +38,8 @@ TABLES = (Table("events", EVENT_COLUMNS, ("event_id",)), Table("outbox", OUTBOX_
           Table("webhooks", WEBHOOK_COLUMNS, ("key", "url")),
           Table("cooldowns", COOLDOWN_COLUMNS, ("key",)),
           Table("console_users", ("name", "password_hash", "created_at"), ("name",), order="name"))
-NOT_COPIED = ("schema_version", "console_failures")
+# escalations is derived from events by the target's own triggers as they are copied in
+NOT_COPIED = ("schema_version", "console_failures", "escalations")
 
 
 @dataclass
