@@ -251,16 +251,20 @@ class Console:
             writer.writerow([f"started ({zone})", "last escalation", "linkedid", "caller number", "caller name",
                              "agents", "escalations", "outcome", "callback mail", "caller mail"])
             yield out.getvalue()
+            out.seek(0)
+            out.truncate()
             conn = self.db.connect()
             try:
                 for call in q.iter_calls(conn, filters, zone):
-                    out.seek(0)
-                    out.truncate()
                     writer.writerow([csv_cell(v) for v in (
                         local(call.started), local(call.last), call.linkedid, call.caller_number, call.caller_name,
                         " ".join(call.agents), " > ".join(q.KIND_LABELS[e.kind] for e in call.escalations),
                         call.outcome, call.mail, call.caller_mail)])
-                    yield out.getvalue()
+                    if out.tell() >= 65536:
+                        yield out.getvalue()
+                        out.seek(0)
+                        out.truncate()
+                yield out.getvalue()
             finally:
                 conn.close()
 
