@@ -73,8 +73,8 @@ def test_the_supervisor_whispers_to_the_agent_and_the_caller_hears_nothing(lab, 
     assert spies and {e["SpyeeChannel"] for e in spies} == {agent}
     assert all("@calmline-listen-spy-" in e["SpyerChannel"] for e in spies)
     assert lab_event(events, "listener-answered")
-    # the supervisor's 4.8 s of speech reached the agent; the caller heard none of it
-    assert heard["agent"] >= 3.0, heard
+    # the supervisor's prompt (3.8 s of speech in it) reached the agent; the caller heard none of it
+    assert heard["agent"] >= 2.5, heard
     assert heard["caller"] < 0.3, heard
     # the agent was never on hold: the action ran one command (Originate) on the agent's
     # channel, and it was over before the supervisor answered
@@ -99,17 +99,17 @@ def test_the_supervisor_presses_6_to_barge_and_then_the_caller_hears_them(lab, t
     spy_digits = [e["Digit"] for e in events if e.get("Event") == "DTMFEnd"
                   and "@calmline-listen-spy-" in e.get("Channel", "") and e.get("Direction") == "Received"]
     assert "6" in spy_digits
-    # before the 6 only the agent heard the supervisor; after it both did
-    assert heard["agent"] >= 7.0, heard
-    assert 3.0 <= heard["caller"] <= 6.0, heard
+    # before the 6 only the agent heard the supervisor (3.8 s of speech); after it both did
+    assert heard["agent"] >= 5.0, heard
+    assert 2.0 <= heard["caller"] <= 6.0, heard
     assert [s["step"] for s in steps] == ["listen_requested", "listen_answered", "listen_ended"]
 
 
 def test_nobody_answers_and_the_agent_hears_the_prompt(lab, tmp_path):
     events, steps, heard = listen_call(lab, tmp_path, "noanswer", "listennobody")
     assert not lab_event(events, "listener-answered")
-    # listen-unanswered lasts 2.3 s; it is whispered: the agent hears it, the caller does not
-    assert heard["agent"] >= 1.5, heard
+    # listen-unanswered (1.8 s of speech) is whispered: the agent hears it, the caller does not
+    assert heard["agent"] >= 1.0, heard
     assert heard["caller"] < 0.3, heard
     ended = [s for s in steps if s["step"] == "listen_ended"]
     assert len(ended) == 1 and ended[0]["answered"] is False
