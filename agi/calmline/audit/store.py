@@ -1,7 +1,8 @@
 """The audit store: one writer thread owns the connection and commits events in groups.
 
 A step waits for its own commit, so one that an action has moved past survives a SIGKILL.
-Under load, events that arrive while a commit is in flight share the next one. A store
+Under load, events that arrive while a commit is in flight share the next one; an event
+nobody waits for (a session's start and end) waits up to `LINGER` to share a step's. A store
 that refuses commits (full disk, lock, PostgreSQL gone) holds a step at most
 `commit_timeout` seconds, once per outage; its events wait in memory, up to `max_pending`,
 and are committed when the store takes them again. Each event carries a unique
@@ -33,6 +34,9 @@ encode = json.JSONEncoder(default=str).encode
 INSERT = (f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(EVENT_COLUMNS))}) "
           "ON CONFLICT (event_id) DO NOTHING")
 RETRY_FIRST, RETRY_MAX = 0.05, 2.0
+# An event nobody waits for may wait this long, or for this many others, to share a commit
+# with the next step (bench/README.md, 2026-12-06).
+LINGER, LINGER_ROWS = 0.05, 256
 CLOSING_RETRY = 5.0  # seconds a store that refuses is still retried while the service stops
 MAX_BATCH = 2000
 _PROCESS = os.urandom(6).hex()
@@ -61,6 +65,9 @@ class AuditStore:
         self._cond = threading.Condition()
         self._queue: list[tuple[int, tuple]] = []  # (seq, row) not yet taken by the writer
         self._seq = 0
+        self._wanted = 0  # the highest seq a step (or a flush) waits for: commit it at once
+        self._first_queued = 0.0  # when the oldest event in `_queue` arrived
+        self._idle = False  # the writer waits on `_cond`: only then is a notify worth its cost
         self._durable = 0  # every seq up to this one is committed (or was dropped)
         self._dropped = 0  # events refused while `max_pending` were waiting
         self._closing = False
@@ -119,8 +126,14 @@ class AuditStore:
                     self._echo.write(row[-1] + "\n")
                 return 0
             self._seq += 1
-            self._queue.append((self._seq, row))
-            self._cond.notify()
+            queue = self._queue
+            queue.append((self._seq, row))
+            if len(queue) == 1:  # the writer starts the linger's clock
+                self._first_queued = time.monotonic()
+                if self._idle:
+                    self._cond.notify()
+            elif len(queue) >= LINGER_ROWS and self._idle:
+                self._cond.notify()
             return self._seq
 
     # --- waiting (on the event loop) -----------------------------------------------------
@@ -134,6 +147,11 @@ class AuditStore:
             return True
         if self._late:
             return False
+        with self._cond:
+            if seq > self._wanted:
+                self._wanted = seq
+                if self._idle:
+                    self._cond.notify()
         loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
         heapq.heappush(self._waiters, (seq, next(self._tiebreak), future))
@@ -169,6 +187,8 @@ class AuditStore:
         deadline = time.monotonic() + timeout
         with self._cond:
             target = self._seq
+            self._wanted = max(self._wanted, target)
+            self._cond.notify_all()
             while self._durable < target:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._thread is None or not self._thread.is_alive():
@@ -184,8 +204,19 @@ class AuditStore:
         delay = RETRY_FIRST
         while True:
             with self._cond:
-                while not self._queue and not batch and not self._closing:
-                    self._cond.wait()
+                while not batch and not self._closing:
+                    queue = self._queue
+                    if not queue:
+                        left = None
+                    elif self._wanted >= queue[0][0] or len(queue) >= LINGER_ROWS:
+                        break
+                    else:
+                        left = self._first_queued + LINGER - time.monotonic()
+                        if left <= 0:
+                            break
+                    self._idle = True
+                    self._cond.wait(left)
+                    self._idle = False
                 if not self._queue and not batch and self._closing:
                     break
                 room = MAX_BATCH - len(batch)
@@ -266,10 +297,22 @@ def stamp(level: str, event: dict[str, Any], bound: dict[str, Any] | None = None
     if bound:
         event = {**bound, **event}
     event["level"] = "warning" if level == "warn" else level
-    event["ts"] = datetime.fromtimestamp(time.time() if t is None else t, timezone.utc).isoformat(
-        timespec="microseconds")
+    event["ts"] = _iso(time.time() if t is None else t)
     event.setdefault("event_id", new_event_id())
     return event
+
+
+_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+
+
+def _iso(t: float) -> str:
+    """`datetime.fromtimestamp(t, utc).isoformat(timespec="microseconds")`, with the date and
+    time formatted once a second instead of once an event."""
+    global _second
+    whole = int(t)
+    if whole != _second[0]:
+        _second = (whole, datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{_second[1]}.{int((t - whole) * 1_000_000):06d}+00:00"
 
 
 def _row(event: dict[str, Any]) -> tuple:
@@ -280,7 +323,11 @@ def _row(event: dict[str, Any]) -> tuple:
     except (TypeError, ValueError, RecursionError) as exc:
         line = _substitute(event, exc)
         event = json.loads(line)
-    return tuple(_column(event.get(c)) for c in EVENT_COLUMNS[:-1]) + (line,)
+    return (*[v if v.__class__ is str and v.isascii() else _column(v) for v in map(event.get, _COLUMNS)],
+            line)
+
+
+_COLUMNS = EVENT_COLUMNS[:-1]  # every column but `data`, the line itself
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -80,22 +80,31 @@ class AuditTrail:
 
     def __init__(self, store: AuditStore | None):
         self._store = store
-        if store is not None:
-            self._log = structlog.wrap_logger(_StoreLogger(store), processors=[_stamp, _to_store],
-                                              wrapper_class=_Wrapper)
-        else:
-            self._log = structlog.get_logger("calmline.audit")
+        self._log = structlog.get_logger("calmline.audit")  # without a store: the console
+
+    def _submit(self, level: str, event: str, fields: dict[str, Any]) -> int:
+        """Straight to the store, as structlog's pipeline would (`_stamp`), minus its
+        per-call machinery: three of these run on the loop for every session."""
+        fields["event"] = event
+        if "exc_info" in fields:
+            fields = structlog.processors.format_exc_info(None, level, fields)
+        return self._store.submit(stamp(level, fields, _CALL.get(), time.time()))
 
     def event(self, event: str, **fields: Any) -> int:
-        return self._log.info(event, **fields) or 0
+        if self._store is None:
+            return self._log.info(event, **fields) or 0
+        return self._submit("info", event, fields)
 
     def problem(self, event: str, **fields: Any) -> int:
-        return self._log.warning(event, **fields) or 0
+        if self._store is None:
+            return self._log.warning(event, **fields) or 0
+        return self._submit("warning", event, fields)
 
     async def step(self, step: str, **fields: Any) -> bool:
         """Record that a step finished; return once it is committed (True), or once the
         store has refused it for `audit.commit_timeout` (False, and the trail says so)."""
-        seq = self._log.info("step", step=step, **fields)
+        fields["step"] = step
+        seq = self.event("step", **fields)
         if self._store is None or not seq:
             return self._store is None
         if await self._store.wait_durable(seq):
