@@ -469,6 +469,17 @@ class PgAdmin:
         the view only up to 10 s after a busy backend goes idle; they are read at the end)."""
         return int(self.conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()[0])
 
+    def cluster_cpu(self) -> float:
+        """CPU seconds used so far by the cluster's processes still alive (postmaster and its
+        children: backends, WAL writer, checkpointer), from /proc; 0 if they are not local."""
+        pid = self.conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                postmaster = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return 0.0
+        return sum(_stat_cpu(f"/proc/{p}/stat") or 0.0 for p in [postmaster, *_descendants(postmaster)])
+
     def xact_commit(self, name: str) -> int:
         row = self.conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s",
                                 (name,)).fetchone()
@@ -644,6 +655,7 @@ class RunResult:
     service_commits: int | None = None
     db_commits: int | None = None
     db_commits_per_s: float | None = None
+    db_cpu_us_per_session: float | None = None
     offered_per_s: float | None = None
     start_lag_p99_ms: float | None = None
     repeats: int = 1
@@ -664,7 +676,7 @@ def measure(target: Target, client: asyncio.Runner, template: str, *, sessions: 
             pg: PgAdmin | None = None, count: bool = True) -> RunResult:
     """One run against `target`: closed loop (sessions, concurrency) or open (rate, seconds)."""
     if target.pg_db and pg is not None:
-        xid0 = pg.xid()
+        xid0, db_cpu0 = pg.xid(), pg.cluster_cpu()
     before = target.snapshot()
     if rate:
         raw = client.run(offer(target.ports, rate, seconds, template))
@@ -709,6 +721,7 @@ def measure(target: Target, client: asyncio.Runner, template: str, *, sessions: 
         result.service_commits = sum(a["commits"] - b["commits"] for a, b in zip(after, before))
     if target.pg_db and pg is not None:
         result.db_commits = pg.xid() - xid0
+        result.db_cpu_us_per_session = (pg.cluster_cpu() - db_cpu0) / sessions * 1e6
         result.db_commits_per_s = result.db_commits / raw["wall"]
     elif result.service_commits is not None:
         result.db_commits = result.service_commits  # SQLite: the service is its only writer
@@ -754,7 +767,8 @@ def combine(runs: list[RunResult]) -> RunResult:
             "session_p50_ms", "session_p99_ms", "server_cpu_us_per_session", "client_cpu_pct",
             "server_cpu_pct")},
     )
-    for name in ("step_commit_p50_ms", "step_commit_p99_ms", "db_commits_per_s", "offered_per_s",
+    for name in ("step_commit_p50_ms", "step_commit_p99_ms", "db_commits_per_s",
+                 "db_cpu_us_per_session", "offered_per_s",
                  "start_lag_p99_ms"):
         setattr(out, name, med_opt(name))
     for name in ("audit_events", "audit_steps", "service_commits", "db_commits"):
@@ -860,7 +874,7 @@ def print_burst(results: list[RunResult]) -> None:
 def print_stores(results: list[RunResult]) -> None:
     header = (f"{'server':<17}{'inst':>5}{'conc':>5}{'sessions':>9}{'sessions/s':>11}{'(min-max)':>12}"
               f"{'step commit p50':>16}{'p99':>7}{'session p99':>12}{'db commits/s':>13}"
-              f"{'sessions/commit':>16}{'srv%':>6}{'cli%':>6}{'err':>5}")
+              f"{'sessions/commit':>16}{'srv us/sess':>12}{'db us/sess':>11}{'srv%':>6}{'cli%':>6}{'err':>5}")
     print(header)
     print("-" * len(header))
     for r in sorted(results, key=lambda r: ORDER.index(r.server)):
@@ -869,12 +883,14 @@ def print_stores(results: list[RunResult]) -> None:
         print(f"{r.server:<17}{TARGETS[r.server][1]:>5}{r.concurrency:>5}{r.sessions:>9}"
               f"{r.sessions_per_s:>11.0f}{spread:>12}{_fmt(r.step_commit_p50_ms, '.3f'):>16}"
               f"{_fmt(r.step_commit_p99_ms, '.2f'):>7}{r.session_p99_ms:>12.2f}"
-              f"{_fmt(r.db_commits_per_s, '.0f'):>13}{_fmt(per, '.2f'):>16}{r.server_cpu_pct:>6.0f}"
+              f"{_fmt(r.db_commits_per_s, '.0f'):>13}{_fmt(per, '.2f'):>16}"
+              f"{r.server_cpu_us_per_session:>12.0f}{_fmt(r.db_cpu_us_per_session, '.0f'):>11}{r.server_cpu_pct:>6.0f}"
               f"{r.client_cpu_pct:>6.0f}{r.errors:>5}")
         for sample in r.error_samples:
             print(f"    error: {sample}")
     print("(db commits/s: SQLite, the service's commits; PostgreSQL, the write transactions the "
-          "cluster saw (transaction id delta; pg_stat_database's xact_commit below, for the whole run)")
+          "cluster saw (transaction id delta; pg_stat_database's xact_commit below, for the whole run);\n"
+          " srv us/sess: every instance's CPU; db us/sess: the PostgreSQL cluster's processes' CPU)")
 
 
 def ratios(throughput: list[RunResult], burst: list[RunResult], stores: list[RunResult]) -> list[dict]:
