@@ -220,7 +220,6 @@ def outcome_group(outcome: str) -> str:
 
 def agent_endpoint(channel: str) -> str:
     """`PJSIP/alice-0000002a` → `PJSIP/alice`; `Local/x@sim-agent-00000001;1` → `Local/x@sim-agent`."""
-    channel = (channel or "").strip()
     return _AGENT_SUFFIX.sub("", channel) if channel else ""
 
 
@@ -239,25 +238,40 @@ _SCRATCH = "calmline_report"
 _CHUNK = 500  # call keys per IN list
 _RESULT_PATH = catalog.TRANSFER_RESULT_ACTION.path
 _TRANSFER_KINDS = ("supervisor", "colleague")
-# Bits of a session's `flags`: what its steps recorded.
-_EXHAUSTED, _TRANSFERRED, _FINAL, _ANSWERED, _RESULT = 1, 2, 4, 8, 16
+# Bits of a session's flags: what its steps recorded.
+_TRANSFERRED, _ANSWERED, _RESULT = 1, 2, 4
 # A step's `"final": true` or `"answered": true`, as `audit.store.encode` writes it: a string
 # value cannot hold that text (its quotes are escaped), so only the key itself matches, and the
 # partial index events_final_warning answers the first without reading the row.
 _FINAL_SQL = "f.data LIKE '%\"final\": true%'"
 _ANSWERED_SQL = "f.data LIKE '%\"answered\": true%'"
 # The agent's endpoint, as `agent_endpoint()` has it: `-` and 8 hex digits, then `;` and digits, cut.
+# On SQLite the common `PJSIP/name-0000002a` takes the cheap first branch.
 _HEX8 = "[0-9A-Fa-f]" * 8
+_SEMI = ("(CASE WHEN rtrim(a.agent, '0123456789') LIKE '%;' AND length(rtrim(a.agent, '0123456789')) < length(a.agent) "
+         "THEN substr(a.agent, 1, length(rtrim(a.agent, '0123456789')) - 1) ELSE a.agent END)")
 _ENDPOINT = {
-    "sqlite": (
-        "(CASE WHEN {x} GLOB '*-" + _HEX8 + "' THEN substr({x}, 1, length({x}) - 9) ELSE {x} END)").format(
-        x="(CASE WHEN rtrim(trim(a.agent), '0123456789') LIKE '%;' "
-          "AND length(rtrim(trim(a.agent), '0123456789')) < length(trim(a.agent)) "
-          "THEN substr(trim(a.agent), 1, length(rtrim(trim(a.agent), '0123456789')) - 1) "
-          "ELSE trim(a.agent) END)"),
+    "sqlite": (f"(CASE WHEN a.agent GLOB '*-{_HEX8}' THEN substr(a.agent, 1, length(a.agent) - 9) "
+               f"WHEN a.agent GLOB '*;*' THEN (CASE WHEN {_SEMI} GLOB '*-{_HEX8}' "
+               f"THEN substr({_SEMI}, 1, length({_SEMI}) - 9) ELSE {_SEMI} END) ELSE a.agent END)"),
     # ({0,1}, not ?: the store turns every ? into a placeholder)
-    "postgresql": "regexp_replace(btrim(a.agent), '(-[0-9A-Fa-f]{8}){0,1}(;[0-9]+){0,1}$', '')",
+    "postgresql": "regexp_replace(a.agent, '(-[0-9A-Fa-f]{8}){0,1}(;[0-9]+){0,1}$', '')",
 }
+# A row's `state`: its kind's code (one character), 100 + its flags (three digits), its outcome.
+_KIND_CODES = {kind: str(n) for n, kind in enumerate(KINDS)} | {"result": "r"}
+_CODE_KINDS = {code: kind for kind, code in _KIND_CODES.items()}
+_FLAGS = "(CAST(substr(state, 2, 3) AS INTEGER) - 100)"
+
+
+def _kind_code_sql() -> str:
+    """The kind's code from the session's action (the catalog) and its steps, in `_collect`'s probe."""
+    warn = catalog.WARN.path
+    cases = [f"WHEN a.action = '{warn}' AND MAX(CASE WHEN s.step = '{LADDER_EXHAUSTED}' THEN 1 ELSE 0 END) = 1 "
+             f"THEN '{_KIND_CODES['end']}'",
+             f"WHEN a.action = '{warn}' AND EXISTS (SELECT 1 FROM events f WHERE f.session = a.session "
+             f"AND f.step = '{WARNING_PLAYED}' AND {_FINAL_SQL}) THEN '{_KIND_CODES['final_warning']}'"]
+    cases += [f"WHEN a.action = '{path}' THEN '{_KIND_CODES[e.kind]}'" for path, e in _ESCALATION_PATHS.items()]
+    return f"(CASE {' '.join(cases)} ELSE 'r' END)"
 
 
 def _collect(conn: Connection, since: str | None, until: str | None) -> None:
@@ -274,38 +288,25 @@ def _collect(conn: Connection, since: str | None, until: str | None) -> None:
         params.append(until)
     conn.execute(f"DROP TABLE IF EXISTS {_SCRATCH}")
     conn.execute(f"CREATE TEMP TABLE {_SCRATCH} (id BIGINT, session TEXT, started TEXT, action TEXT, "
-                 "agent TEXT, call TEXT, outcome TEXT, flags INTEGER)")
+                 "agent TEXT, call TEXT, state TEXT)")
+    # One look at the session's events (its steps and end) through the covering index.
     select = (
         f"INSERT INTO {_SCRATCH} SELECT a.id, a.session, a.ts, a.action, "
         f"COALESCE(NULLIF({_ENDPOINT[conn.kind]}, ''), '(unknown agent)'), "
         f"COALESCE(NULLIF(a.linkedid, ''), NULLIF(a.uniqueid, ''), 'session ' || a.session), "
-        f"COALESCE((SELECT MAX(COALESCE(NULLIF(s.outcome, ''), 'unknown')) FROM events s "
-        f"  WHERE s.session = a.session AND s.event = 'session_end'), 'unfinished'), "
-        f"COALESCE((SELECT MAX(CASE WHEN s.step = '{LADDER_EXHAUSTED}' THEN {_EXHAUSTED} ELSE 0 END) "
-        f"  + MAX(CASE WHEN s.step = '{CALLER_TRANSFERRED}' THEN {_TRANSFERRED} ELSE 0 END) "
+        f"(SELECT {_kind_code_sql()} "
+        f"  || CAST(100 + MAX(CASE WHEN s.step = '{CALLER_TRANSFERRED}' THEN {_TRANSFERRED} ELSE 0 END) "
         f"  + MAX(CASE WHEN s.step = '{TRANSFER_RESULT}' THEN {_RESULT} ELSE 0 END) "
-        f"  FROM events s WHERE s.session = a.session AND s.event = 'step'), 0) "
-        f"+ (CASE WHEN a.action = '{catalog.WARN.path}' AND EXISTS (SELECT 1 FROM events f "
-        f"  WHERE f.session = a.session AND f.step = '{WARNING_PLAYED}' AND {_FINAL_SQL}) THEN {_FINAL} ELSE 0 END) "
-        f"+ (CASE WHEN a.action = '{_RESULT_PATH}' AND EXISTS (SELECT 1 FROM events f "
-        f"  WHERE f.session = a.session AND f.step = '{TRANSFER_RESULT}' AND {_ANSWERED_SQL}) THEN {_ANSWERED} ELSE 0 END) "
+        f"  + (CASE WHEN a.action = '{_RESULT_PATH}' AND EXISTS (SELECT 1 FROM events f "
+        f"    WHERE f.session = a.session AND f.step = '{TRANSFER_RESULT}' AND {_ANSWERED_SQL}) "
+        f"    THEN {_ANSWERED} ELSE 0 END) AS TEXT) "
+        f"  || COALESCE(MAX(CASE WHEN s.event = 'session_end' THEN COALESCE(NULLIF(s.outcome, ''), 'unknown') END), "
+        f"    'unfinished') "
+        f"  FROM events s WHERE s.session = a.session) "
         f"FROM events a WHERE {{anchor}}{bounds} AND a.action IN ({', '.join('?' * len(paths))})")
     conn.execute(select.replace("{anchor}", "a.event = 'session_start'"), (*params, *paths))
     # Sessions that ended before they learned the call (the caller hung up at once): rare.
     conn.execute(select.replace("{anchor}", "a.event = 'session_end' AND a.linkedid IS NULL"), (*params, *paths))
-
-
-def _kind(action: str, flags: int) -> str:
-    """What `_kind_sql()` says, for a row already grouped."""
-    if action == catalog.WARN.path and flags & _EXHAUSTED:
-        return "end"
-    if action == catalog.WARN.path and flags & _FINAL:
-        return "final_warning"
-    escalation = _ESCALATION_PATHS.get(action)
-    return escalation.kind if escalation is not None else "result"
-
-
-_KIND_BITS = _EXHAUSTED | _FINAL | _TRANSFERRED
 
 
 def _per_day(conn: Connection) -> tuple[dict[date, DayCount], dict[str, int], int]:
@@ -313,11 +314,11 @@ def _per_day(conn: Connection) -> tuple[dict[date, DayCount], dict[str, int], in
     days: dict[date, DayCount] = {}
     outcomes: dict[str, int] = {}
     stayed = 0
-    for day, action, flags, outcome, count in conn.execute(
-            f"SELECT substr(started, 1, 10), action, (flags & {_KIND_BITS}), outcome, COUNT(*) FROM {_SCRATCH} "
-            f"WHERE action <> ? GROUP BY substr(started, 1, 10), action, (flags & {_KIND_BITS}), outcome",
-            (_RESULT_PATH,)):
-        kind, moment, count = _kind(action, flags), date.fromisoformat(day), int(count)
+    for day, state, count in conn.execute(
+            f"SELECT substr(started, 1, 10), state, COUNT(*) FROM {_SCRATCH} WHERE action <> ? "
+            f"GROUP BY substr(started, 1, 10), state", (_RESULT_PATH,)):
+        kind, flags, outcome = _CODE_KINDS[state[0]], int(state[1:4]) - 100, state[4:]
+        moment, count = date.fromisoformat(day), int(count)
         counts = days.setdefault(moment, DayCount(moment))
         setattr(counts, kind, getattr(counts, kind) + count)
         outcomes[outcome] = outcomes.get(outcome, 0) + count
@@ -328,68 +329,73 @@ def _per_day(conn: Connection) -> tuple[dict[date, DayCount], dict[str, int], in
 
 def _per_agent(conn: Connection) -> list[AgentCount]:
     """Escalations per agent endpoint and kind, and the calls each agent escalated."""
-    agents: dict[str, AgentCount] = {}
-    for agent, action, flags, count in conn.execute(
-            f"SELECT agent, action, (flags & {_KIND_BITS}), COUNT(*) FROM {_SCRATCH} WHERE action <> ? "
-            f"GROUP BY agent, action, (flags & {_KIND_BITS})", (_RESULT_PATH,)):
-        counts, kind, count = agents.setdefault(agent, AgentCount(agent)), _kind(action, flags), int(count)
-        if kind in ("warning", "final_warning"):
-            counts.warnings += count
-            counts.final_warnings += count if kind == "final_warning" else 0
-        elif kind == "end":
-            counts.ends += count
-        else:
-            setattr(counts, kind, getattr(counts, kind) + count)
-    for agent, calls in conn.execute(
-            f"SELECT agent, COUNT(*) FROM (SELECT DISTINCT agent, call FROM {_SCRATCH} WHERE action <> ?) AS pairs "
-            "GROUP BY agent", (_RESULT_PATH,)):
-        agents[agent].calls = int(calls)
-    return sorted(agents.values(), key=lambda a: (-a.total, -a.calls, a.agent))
+    sums = ", ".join(f"SUM(CASE WHEN substr(state, 1, 1) = '{_KIND_CODES[k]}' THEN 1 ELSE 0 END)" for k in KINDS)
+    agents = []
+    for agent, calls, *counts in conn.execute(
+            f"SELECT agent, COUNT(DISTINCT call), {sums} FROM {_SCRATCH} WHERE action <> ? GROUP BY agent",
+            (_RESULT_PATH,)):
+        n = dict(zip(KINDS, map(int, counts)))
+        agents.append(AgentCount(agent, calls=int(calls), warnings=n["warning"] + n["final_warning"],
+                                 final_warnings=n["final_warning"], supervisor=n["supervisor"],
+                                 colleague=n["colleague"], ends=n["end"]))
+    return sorted(agents, key=lambda a: (-a.total, -a.calls, a.agent))
 
 
 def _transfer_results(conn: Connection, days: dict[date, DayCount]) -> dict[str, int]:
-    """Match each call's transfer results to its transfers, first come first served, and count
-    them on the transfer's day. A result finds a transfer only if one is still waiting (the
-    queue's length is the running sum less its running minimum below zero); a result whose
-    transfer is before the period is counted nowhere."""
+    """Each transfer that moved the caller, with the result its call's hangup handler recorded:
+    a call's results go to its transfers first come first served, and each pair counts on the
+    transfer's day; a result whose transfer is before the period is counted nowhere. Pairing is
+    sequential, so it runs here, over the transfer rows alone (a few in a hundred)."""
     results = dict.fromkeys(TRANSFER_RESULTS, 0)
-    transfers = ", ".join(f"'{path}'" for path, e in _ESCALATION_PATHS.items() if e.kind in _TRANSFER_KINDS)
-    order = "PARTITION BY call ORDER BY started, id"
-    outcome = f"CASE WHEN flags IS NULL THEN 'no_result' WHEN (flags & {_ANSWERED}) <> 0 THEN 'answered' ELSE 'fallback' END"
-    rows = conn.execute(
-        f"WITH queue AS (SELECT id, call, started, flags, CASE WHEN action = ? THEN -1 ELSE 1 END AS delta "
-        f"  FROM {_SCRATCH} WHERE (action IN ({transfers}) AND (flags & {_TRANSFERRED}) <> 0) "
-        f"  OR (action = ? AND (flags & {_RESULT}) <> 0)), "
-        f"walk AS (SELECT *, SUM(delta) OVER ({order} ROWS UNBOUNDED PRECEDING) AS level FROM queue), "
-        f"lows AS (SELECT *, MIN(level) OVER ({order} ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS low "
-        f"  FROM walk), "
-        f"kept AS (SELECT * FROM lows WHERE delta = 1 "
-        f"  OR level + 1 - (CASE WHEN COALESCE(low, 0) < 0 THEN low ELSE 0 END) > 0), "
-        # The n-th transfer of a call and the n-th result that found one waiting are a pair.
-        f"paired AS (SELECT MAX(CASE WHEN delta = 1 THEN started END) AS started, "
-        f"  MAX(CASE WHEN delta = -1 THEN flags END) AS flags "
-        f"  FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY call, delta ORDER BY started, id) AS n FROM kept) AS numbered "
-        f"  GROUP BY call, n) "
-        f"SELECT substr(started, 1, 10), {outcome}, COUNT(*) FROM paired "
-        f"GROUP BY substr(started, 1, 10), {outcome}", (_RESULT_PATH, _RESULT_PATH)).fetchall()
-    for day, result, count in rows:
-        results[result] += int(count)
-        if result != "no_result":
-            moment = date.fromisoformat(day)
-            counts = days.setdefault(moment, DayCount(moment))
-            if result == "answered":
-                counts.transfers_answered += int(count)
-            else:
-                counts.transfers_fallback += int(count)
+    codes = ", ".join(f"'{_KIND_CODES[k]}'" for k in _TRANSFER_KINDS)
+    waiting: list[str] = []  # the days of the current call's transfers still waiting for a result
+    call = None
+    for key, started, code, flags in conn.execute(
+            f"SELECT call, started, substr(state, 1, 1), {_FLAGS} FROM {_SCRATCH} "
+            f"WHERE (substr(state, 1, 1) IN ({codes}) AND ({_FLAGS} & {_TRANSFERRED}) <> 0) "
+            f"OR (substr(state, 1, 1) = 'r' AND ({_FLAGS} & {_RESULT}) <> 0) ORDER BY call, started, id"):
+        if key != call:
+            results["no_result"] += len(waiting)
+            call, waiting = key, []
+        if code != "r":
+            waiting.append(started[:10])
+            continue
+        if not waiting:
+            continue
+        result = "answered" if int(flags) & _ANSWERED else "fallback"
+        results[result] += 1
+        moment = date.fromisoformat(waiting.pop(0))
+        counts = days.setdefault(moment, DayCount(moment))
+        if result == "answered":
+            counts.transfers_answered += 1
+        else:
+            counts.transfers_fallback += 1
+    results["no_result"] += len(waiting)
     return results
 
 
 def _recent_calls(conn: Connection, limit: int) -> tuple[int, list[str]]:
-    """How many calls had an escalation in the period, and the `limit` most recent of them."""
-    rows = conn.execute(
-        f"SELECT call, MIN(started) AS first, COUNT(*) OVER () FROM {_SCRATCH} WHERE action <> ? "
-        f"GROUP BY call ORDER BY first DESC, call DESC LIMIT ?", (_RESULT_PATH, limit)).fetchall()
-    return (int(rows[0][2]) if rows else 0), [row[0] for row in rows]
+    """How many calls had an escalation in the period, and the `limit` whose first escalation in
+    it is the most recent. Those calls' rows are all among the newest; so the newest rows are
+    read, twice as many each time, until the oldest of them is older than the calls they give."""
+    (count,) = conn.execute(f"SELECT COUNT(DISTINCT call) FROM {_SCRATCH} WHERE action <> ?",
+                            (_RESULT_PATH,)).fetchone()
+    window = limit * 4
+    while True:
+        newest = conn.execute(f"SELECT call, started FROM {_SCRATCH} WHERE action <> ? "
+                              "ORDER BY started DESC LIMIT ?", (_RESULT_PATH, window)).fetchall()
+        keys = list(dict.fromkeys(key for key, _ in newest))
+        firsts = []
+        for chunk in range(0, len(keys), _CHUNK * 10):
+            some = keys[chunk:chunk + _CHUNK * 10]
+            firsts += conn.execute(
+                f"SELECT call, MIN(started) FROM {_SCRATCH} WHERE action <> ? "
+                f"AND call IN ({', '.join('?' * len(some))}) GROUP BY call", (_RESULT_PATH, *some)).fetchall()
+        firsts.sort(key=lambda row: (row[1], row[0]), reverse=True)
+        chosen = firsts[:limit]
+        if len(newest) < window or not chosen or newest[-1][1] < chosen[-1][1] and len(chosen) == limit:
+            return int(count), [key for key, _ in chosen]
+        window *= 2
 
 
 # --- the calls shown: their sessions' events, grouped into ladders ---------------------------
@@ -437,7 +443,7 @@ def _recent_sessions(conn: Connection, calls: list[str]) -> list[tuple[str, _Ses
     for chunk in range(0, len(calls), _CHUNK):
         keys = calls[chunk:chunk + _CHUNK]
         shown += conn.execute(
-            f"SELECT session, call, started, action, outcome, id FROM {_SCRATCH} "
+            f"SELECT session, call, started, action, substr(state, 5), id FROM {_SCRATCH} "
             f"WHERE call IN ({', '.join('?' * len(keys))})", keys).fetchall()
     shown.sort(key=lambda row: (row[2], row[5]))
     events: dict[str, list[tuple[str, str]]] = {}
