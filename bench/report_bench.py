@@ -1,4 +1,4 @@
-"""Time `calmline report` over 90 days (and over 1 day) at 10k, 100k and 1M events.
+"""Time `calmline report` over 90 days (and over yesterday) at 10k, 100k and 1M events.
 
 Each store is built once with big_store.py (kept in --dir, reused when its size matches), then
 each report runs in a fresh process, as `calmline report` does, so that its peak RSS (VmHWM)
@@ -33,8 +33,12 @@ def child(url: str, days: int) -> None:
     started = time.perf_counter()
     db = Database(url)
     now = datetime.now(timezone.utc)
-    since = datetime.combine(now.date() - timedelta(days=days - 1), datetime.min.time(), timezone.utc)
-    report = build_report(db, since=since, until=None, now=now, console_url="https://console.example")
+    today = datetime.combine(now.date(), datetime.min.time(), timezone.utc)
+    if days == 1:  # yesterday, the last whole day of the history big_store.py writes
+        since, until = today - timedelta(days=1), today
+    else:  # as `calmline report --days N` asks
+        since, until = today - timedelta(days=days - 1), None
+    report = build_report(db, since=since, until=until, now=now, console_url="https://console.example")
     counted = time.perf_counter()
     page = render_html(report)
     done = time.perf_counter()
