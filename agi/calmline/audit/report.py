@@ -1,10 +1,11 @@
 """`calmline report`: the supervisor's view of the audit trail, as one self-contained HTML page.
 
-`build_report()` reads the audit store and counts, as plain data, what agents did: every
+`build_report()` has the store count, as plain data, what agents did in a period: every
 key press that reached calmline is one *escalation* (a warning, a transfer or an end), dated
 by when it started, whatever became of it; its outcome is counted separately. A call is
 everything with one linkedid: its ladder is its escalations in order, with each transfer's
-result (answered, or the fallback) attached to the transfer.
+result (answered, or the fallback) attached to the transfer. The counts are GROUP BYs in the
+store over the period alone; only the most recent calls' ladders are read as events.
 
 `render_html()` draws that as inline SVG (computed here: no JavaScript, no external
 resources), so the file can be mailed or archived and opened anywhere. Every string that
