@@ -90,7 +90,9 @@ def test_step_does_not_return_before_its_event_is_committed(trail_store, tmp_pat
 
     pending, durable, got = run(main())
     assert pending and durable is True
-    assert [r[2] for r in got] == ["warning_played"]
+    # The lock outlasted SQLite's busy timeout, so the outage's record may follow the step.
+    assert [r[2] for r in got if r[0] == "step"] == ["warning_played"]
+    assert {r[0] for r in got} <= {"step", "audit_store_outage"}
 
 
 def test_a_commit_whose_success_was_not_seen_is_retried_without_storing_anything_twice(trail_store, tmp_path, monkeypatch):
