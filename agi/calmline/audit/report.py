@@ -310,7 +310,24 @@ def _collect(conn: Connection, since: str | None, until: str | None) -> None:
         f"    'unfinished') "
         f"  FROM events s WHERE s.session = a.session) "
         f"FROM events a WHERE {{anchor}}{bounds} AND a.action IN ({', '.join('?' * len(paths))})")
-    conn.execute(select.replace("{anchor}", "a.event = 'session_start'"), (*params, *paths))
+    # The escalations themselves from the `escalations` table, which the triggers keep with each
+    # one's kind and outcome; only a transfer (was the caller moved?) and an escalation not yet
+    # ended (or ended without an outcome) look at their session's events.
+    flags = (f"(CASE WHEN a.kind IN ({', '.join(repr(k) for k in _TRANSFER_KINDS)}) AND EXISTS (SELECT 1 FROM events s "
+             f"WHERE s.session = a.session AND s.step = '{CALLER_TRANSFERRED}') THEN '{100 + _TRANSFERRED}' ELSE '100' END)")
+    outcome = ("(CASE WHEN a.outcome IS NOT NULL THEN COALESCE(NULLIF(a.outcome, ''), 'unknown') "
+               "ELSE COALESCE((SELECT MAX(COALESCE(NULLIF(s.outcome, ''), 'unknown')) FROM events s "
+               "WHERE s.session = a.session AND s.event = 'session_end'), 'unfinished') END)")
+    kind_code = "(CASE a.kind " + " ".join(f"WHEN '{k}' THEN '{c}'" for k, c in _KIND_CODES.items() if k != "result")
+    call = ("COALESCE(NULLIF(a.linkedid, ''), (SELECT NULLIF(u.uniqueid, '') FROM events u WHERE u.session = a.session "
+            "AND u.event = 'session_start' ORDER BY u.id LIMIT 1), 'session ' || a.session)")
+    conn.execute(
+        f"INSERT INTO {_SCRATCH} SELECT a.session, a.ts, a.action, "
+        f"COALESCE(NULLIF({_ENDPOINT[conn.kind]}, ''), '(unknown agent)'), {call}, "
+        f"{kind_code} END) || {flags} || {outcome} FROM escalations a WHERE 1 = 1{bounds}", params)
+    # Transfer results, from the transferred caller's hangup handler: a few in a hundred.
+    conn.execute(select.replace("{anchor}", "a.event = 'session_start'").replace(
+        f"a.action IN ({', '.join('?' * len(paths))})", "a.action = ?"), (*params, _RESULT_PATH))
     # Sessions that ended before they learned the call (the caller hung up at once): rare.
     conn.execute(select.replace("{anchor}", "a.event = 'session_end' AND a.linkedid IS NULL"), (*params, *paths))
 
