@@ -230,9 +230,10 @@ def agent_endpoint(channel: str) -> str:
 # An escalation is one session of an escalation action (the catalog's) that started in the
 # period: its `session_start`, or its `session_end` when it never got that far (no linkedid
 # yet). `_collect()` puts one row per escalation and per transfer result of the period in a
-# temporary table, reading the period through the (event, ts, ...) index and each session's
-# steps and end through the (session, event, step, outcome) index, both covering; each figure
-# is then one GROUP BY over that table. No query reads a row outside the period, except the
+# temporary table: the escalations from the `escalations` table (kind and outcome kept by the
+# triggers), the results and the sessions that never started through the (event, ts, ...)
+# index and each session's steps through the (session, event, step, outcome) index; each
+# figure is then one GROUP BY over that table. No query reads a row outside the period, except the
 # steps and end of a session that began in it.
 
 _SCRATCH = "calmline_report"
