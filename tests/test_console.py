@@ -534,3 +534,15 @@ def test_cli_adds_and_removes_accounts_with_the_password_on_stdin(tmp_path):
         assert PASSWORD not in str(conn.execute("SELECT * FROM console_users").fetchall())
     finally:
         conn.close()
+
+
+def test_the_console_without_its_extra_says_which_package_to_install(tmp_path):
+    config = tmp_path / "calmline.toml"
+    config.write_text(f'[store]\nurl = "sqlite:///{tmp_path}/store.sqlite3"\n')
+    hide = ("import sys; sys.modules['uvicorn'] = None; "
+            "from calmline.cli import main; sys.exit(main(['-c', sys.argv[1], 'console']))")
+    done = subprocess.run([sys.executable, "-c", hide, str(config)], capture_output=True, text=True,
+                          env=environment(), timeout=60)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "pip install 'calmline[console]'" in done.stderr

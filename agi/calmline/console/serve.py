@@ -52,10 +52,14 @@ def secret(cfg: Config) -> str:
 
 
 def run(cfg: Config, db: Database) -> None:
-    import uvicorn
+    try:
+        import uvicorn
 
+        from calmline.console.app import create_app
+    except ImportError as exc:
+        raise ConfigError([f"console: {exc.name} is not installed; run "
+                           "`pip install 'calmline[console]'` (Starlette, uvicorn, Jinja2)"]) from None
     from calmline.audit.store import AuditStore, stamp
-    from calmline.console.app import create_app
 
     key = secret(cfg)
     audit = AuditStore(db)
