@@ -171,6 +171,7 @@ def test_a_restart_during_the_cooldown_still_unpauses_on_time(cooled):
     lab.ami.wait_idle(mark, timeout=40)
 
 
+@pytest.mark.slow
 def test_a_restart_after_the_due_time_unpauses_at_once(cooled):
     lab, _relay, extra = cooled
     mark = end_queue_call(lab, "cooldownlate")

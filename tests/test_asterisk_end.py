@@ -17,7 +17,7 @@ def read_csv(lab, name):
     return ""
 
 
-@pytest.mark.parametrize("exten", ["100", "200"], ids=["dial", "queue"])
+@pytest.mark.parametrize("exten", [pytest.param("100", id="dial"), pytest.param("200", marks=pytest.mark.slow, id="queue")])
 def test_end_hangs_up_both_legs_marks_the_call_and_mails_the_team(lab, exten):
     before = len(lab.smtp.messages)
     mark = lab.originate("endcall" + exten, exten=exten, keys="*9", caller_hold=40, agent_hold=40)

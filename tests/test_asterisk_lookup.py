@@ -73,6 +73,7 @@ def test_a_new_caller_then_a_repeat_caller_read_back_from_the_channel(looked_up)
     assert [e["flag"] for e in looked] == ["none", "watch", "flagged"]
 
 
+@pytest.mark.slow
 def test_an_anonymous_caller_is_never_flagged(looked_up):
     lab = looked_up
     for n in range(FLAG_AT):

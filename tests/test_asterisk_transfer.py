@@ -52,7 +52,7 @@ def test_supervisor_transfer_rings_the_target_and_frees_the_agent(lab, exten):
     assert whisper
 
 
-@pytest.mark.parametrize("exten", ["100", "200"], ids=["dial", "queue"])
+@pytest.mark.parametrize("exten", [pytest.param("100", id="dial"), pytest.param("200", marks=pytest.mark.slow, id="queue")])
 def test_colleague_no_answer_falls_back(lab, exten):
     mark = lab.originate("colxfer" + exten, exten=exten, keys="*4", caller_hold=40, agent_hold=40)
     events = lab.ami.wait_idle(mark, timeout=70)
@@ -74,7 +74,7 @@ def test_keyed_colleague_with_a_good_extension(lab):
     assert keyed and keyed[0]["extension"] == "2001"
 
 
-@pytest.mark.parametrize(("keys", "why"), [(f"*5{WAIT}0#", "pattern"), ("*5", "timeout")])
+@pytest.mark.parametrize(("keys", "why"), [(f"*5{WAIT}0#", "pattern"), pytest.param("*5", "timeout", marks=pytest.mark.slow)])
 def test_keyed_colleague_bad_entry_leaves_the_call_as_it_was(lab, keys, why):
     mark = lab.originate("keyedbad" + why, keys=keys, caller_hold=30, agent_hold=16)
     events = lab.ami.wait_idle(mark, timeout=40)
