@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import functools
 import re
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Annotated, Iterator, Literal
+from typing import Annotated, Literal
 
 import structlog
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from calmline.config import MailConfig
-from calmline.store import DATABASE_ERRORS, Connection, Database
+from calmline.store import DATABASE_ERRORS, SharedTable
 
 log = structlog.get_logger("calmline.callback.outbox")
 
@@ -195,63 +193,10 @@ def _reconnecting(method):
     return run
 
 
-class Outbox:
+class Outbox(SharedTable):
     """The outbox table of the store; thread-safe, and shared by every process that opens it."""
 
-    def __init__(self, db: Database):
-        self.db = db
-        self._lock = threading.RLock()
-        self._db: Connection | None = db.connect()
-        self._closed = False
-
-    def _conn(self) -> Connection:
-        """The connection, opened again when the last one broke (a database restart)."""
-        if self._closed:
-            raise RuntimeError(f"the outbox of {self.db.where} is closed")
-        if self._db is None or self._db.broken:
-            self._forget()
-            self._db = self.db.connect()
-        return self._db
-
-    def _forget(self) -> None:
-        if self._db is not None:
-            try:
-                self._db.close()
-            except DATABASE_ERRORS:
-                pass
-            self._db = None
-
-    @contextmanager
-    def _tx(self) -> Iterator[Connection]:
-        with self._lock:
-            try:
-                with self._conn().transaction() as db:
-                    yield db
-            except DATABASE_ERRORS:
-                if self._db is not None and self._db.broken:
-                    self._forget()  # the next call connects again
-                raise
-
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self._lock:
-            try:
-                yield self._conn()
-            except DATABASE_ERRORS:
-                if self._db is not None and self._db.broken:
-                    self._forget()
-                raise
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._forget()
-
-    def __enter__(self) -> Outbox:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    what = "outbox"
 
     # --- queueing ---
 

@@ -14,19 +14,17 @@ import asyncio
 import hashlib
 import hmac
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from calmline.config import AlertConfig
-from calmline.store import DATABASE_ERRORS, Connection, Database
+from calmline.store import SharedTable
 
 log = structlog.get_logger("calmline.callback.webhooks")
 
@@ -70,57 +68,10 @@ def backoff(attempts: int, cfg: AlertConfig) -> float:
     return min(cfg.retry_initial_seconds * (2.0**exponent), cfg.retry_max_seconds)
 
 
-class WebhookOutbox:
+class WebhookOutbox(SharedTable):
     """The `webhooks` table of the store; thread-safe, shared by every process that opens it."""
 
-    def __init__(self, db: Database):
-        self.db = db
-        self._lock = threading.RLock()
-        self._db: Connection | None = db.connect()
-        self._closed = False
-
-    def _conn(self) -> Connection:
-        """The connection, opened again when the last one broke (a database restart)."""
-        if self._closed:
-            raise RuntimeError(f"the webhook outbox of {self.db.where} is closed")
-        if self._db is None or self._db.broken:
-            self._forget()
-            self._db = self.db.connect()
-        return self._db
-
-    def _forget(self) -> None:
-        if self._db is not None:
-            try:
-                self._db.close()
-            except DATABASE_ERRORS:
-                pass
-            self._db = None
-
-    @contextmanager
-    def _tx(self) -> Iterator[Connection]:
-        with self._lock:
-            try:
-                with self._conn().transaction() as db:
-                    yield db
-            except DATABASE_ERRORS:
-                if self._db is not None and self._db.broken:
-                    self._forget()  # the next call connects again
-                raise
-
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self._lock:
-            try:
-                yield self._conn()
-            except DATABASE_ERRORS:
-                if self._db is not None and self._db.broken:
-                    self._forget()
-                raise
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._forget()
+    what = "webhook outbox"
 
     def add(self, key: str, urls: list[str], payload: dict[str, Any], *, linkedid: str = "",
             now: float | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -224,6 +225,61 @@ class Database:
             return conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
         finally:
             conn.close()
+
+
+class SharedTable:
+    """A table several threads and processes share over one connection, opened again when the
+    database drops it (a restart or a failover)."""
+
+    what = "table"
+
+    def __init__(self, db: Database):
+        self.db = db
+        self._lock = threading.RLock()
+        self._db: Connection | None = db.connect()
+        self._closed = False
+
+    def _conn(self) -> Connection:
+        if self._closed:
+            raise RuntimeError(f"the {self.what} of {self.db.where} is closed")
+        if self._db is None or self._db.broken:
+            self._forget()
+            self._db = self.db.connect()
+        return self._db
+
+    def _forget(self) -> None:
+        if self._db is not None:
+            try:
+                self._db.close()
+            except DATABASE_ERRORS:
+                pass
+            self._db = None
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self._read() as conn, conn.transaction() as db:
+            yield db
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._lock:
+            try:
+                yield self._conn()
+            except DATABASE_ERRORS:
+                if self._db is not None and self._db.broken:
+                    self._forget()  # the next call connects again
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._forget()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def reason(exc: BaseException) -> str:
