@@ -265,3 +265,14 @@ def _escalations() -> dict[str, list[str]]:
 
 MIGRATIONS.append((6, "escalations, kept by triggers on events", _escalations()))
 VERSION = MIGRATIONS[-1][0]
+
+
+# --- 7: fewer indexes on events -------------------------------------------------------------
+# Every index on `events` is written by every audit commit. Since migration 6 nothing reads
+# these four: events by caller or agent are read from `escalations` (or the lookup's partial
+# index), and the wider events_report_start (event, ts, …) and events_report_steps
+# (session, event, …) serve the reads by event and time and by session.
+_UNUSED = ("events_caller", "events_agent", "events_event_ts", "events_session")
+MIGRATIONS.append((7, "drop the events indexes nothing reads since migration 6",
+                   _both(*(f"DROP INDEX IF EXISTS {name}" for name in _UNUSED))))
+VERSION = MIGRATIONS[-1][0]
