@@ -38,8 +38,8 @@ AGENTS = ["PJSIP/alice-0000002a", "PJSIP/bob-0000002b", "Local/carol@agents-0000
 
 
 def _config(**console):
-    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in console.items())
-    return parse(f'[console]\ntimezone = "Europe/Berlin"\n{lines}\n')
+    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in {"timezone": "Europe/Berlin", **console}.items())
+    return parse(f'[console]\n{lines}\n')
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -437,6 +437,48 @@ def test_filters_combine_and_the_csv_holds_exactly_the_filtered_set(db):
     audit.close()
 
 
+def test_paging_through_a_time_range_orders_calls_by_their_first_or_last_escalation_in_it(db):
+    """A time range alone takes the index path (no grouping of the range): its pages must list
+    the same calls, in the same order, as the escalations themselves say."""
+    truth = fill_grid(db)
+    # Long calls that overlap the others, so first-escalation and last-escalation orders differ,
+    # and a range's edge can fall inside a call.
+    t = Trail(db)
+    for n in range(6):
+        linkedid = f"L.{n}"
+        times = [NOW - timedelta(days=9 - n, hours=3), NOW - timedelta(days=9 - 2 * n, hours=1)]
+        for when in times:
+            t.session(when, "warn", linkedid=linkedid, agent=AGENTS[0], number="+4930999", name="",
+                      steps=[warned(1)], outcome="completed", error=None)
+        truth[linkedid] = {"escalations": [{"at": when} for when in times]}
+    t.close()
+    client, audit = signed_in(db, page_size=7)
+    zone = client.app.state.console.zone
+    today = NOW.astimezone(zone).date()
+    for since, until in ((None, None), (5, None), (8, 3), (6, 6)):
+        lo = today - timedelta(days=since) if since is not None else None
+        hi = today - timedelta(days=until) if until is not None else None
+        edges = {}
+        for linkedid, call in truth.items():
+            times = [e["at"] for e in call["escalations"]
+                     if not (lo and e["at"].astimezone(zone).date() < lo or hi and e["at"].astimezone(zone).date() > hi)]
+            if times:
+                edges[linkedid] = (min(times), max(times), len(times))
+        assert edges, (since, until)
+        for sort, edge in (("started", 0), ("last", 1)):
+            for order in ("desc", "asc"):
+                query = f"since={lo or ''}&until={hi or ''}&sort={sort}&order={order}"
+                want = sorted(edges, key=lambda i: (edges[i][edge], i), reverse=order == "desc")
+                total, listed = page_ids(client, query)
+                assert (total, listed) == (len(want), want), query
+                assert csv_ids(client, query) == want, query
+        # Each call of the range comes with all its escalations, inside the range or not.
+        text = client.get(f"/calls.csv?since={lo or ''}&until={hi or ''}").text
+        presses = {r["linkedid"]: len(r["escalations"].split(" > ")) for r in csv.DictReader(io.StringIO(text))}
+        assert presses == {i: len(truth[i]["escalations"]) for i in edges}
+    audit.close()
+
+
 def test_bad_filters_are_said_not_crashed(sqlite):
     client, audit = signed_in(sqlite)
     page = client.get("/calls?since=yesterday&kind=rude&page=x")
@@ -492,6 +534,25 @@ def test_trends_count_per_day_and_mark_config_changes(sqlite):
     assert page.count('class="marker"') == 2
     heat = sum(int(n) for n in re.findall(r"<title>\w{3} \d\d:00-\d\d:59: (\d+)</title>", page))
     assert heat == total
+    audit.close()
+
+
+def test_trends_put_each_escalation_in_its_local_day_and_hour_in_a_half_hour_zone(db):
+    """India is UTC+05:30: 18:20 UTC is 23:50 there, 18:40 UTC is 00:10 the next day."""
+    day = (NOW - timedelta(days=3)).replace(hour=0, minute=0, second=0)
+    t = Trail(db)
+    for minute in (20, 40):
+        t.session(day + timedelta(hours=18, minutes=minute), "warn", linkedid=f"K.{minute}", agent=AGENTS[0],
+                  number="+4930100", name="", steps=[warned(1)], outcome="completed", error=None)
+    t.close()
+    client, audit = signed_in(db, timezone="Asia/Kolkata")
+    page = client.get("/trends").text
+    days = dict(re.findall(r"<title>(\d{4}-\d\d-\d\d): (\d+) warning</title>", page))
+    first, second = day.date(), day.date() + timedelta(days=1)
+    assert (days.get(first.isoformat()), days.get(second.isoformat())) == ("1", "1")
+    names = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+    hours = {k: v for k, v in re.findall(r"<title>(\w{3} \d\d):00-\d\d:59: (\d+)</title>", page) if v != "0"}
+    assert hours == {f"{names[first.weekday()]} 23": "1", f"{names[second.weekday()]} 00": "1"}
     audit.close()
 
 

@@ -227,6 +227,49 @@ def _calls_sql(filters: Filters, zone: ZoneInfo) -> tuple[str, list[Any]]:
     return sql, params
 
 
+def _browsing(filters: Filters) -> bool:
+    """Only a time range, sorted by the first or the last escalation: the list a supervisor
+    pages through, answered from the time index without grouping the whole range."""
+    return filters.sort in ("started", "last") and not (
+        filters.agent or filters.caller or filters.number or filters.kind or filters.outcome or filters.mail)
+
+
+def _edges_sql(filters: Filters, zone: ZoneInfo) -> tuple[str, list[Any]]:
+    """Each call's first (or last) escalation in the range, in page order: the rows of the
+    time index with no earlier (later) escalation of their call in the range, so a page reads
+    about its offset plus its size of index entries, each with one probe by linkedid."""
+    where, params = filters.where(zone)
+    since, until = filters.bounds(zone)
+    inner, inner_params = "", []
+    if since is not None:
+        inner += " AND p.ts >= ?"
+        inner_params.append(as_ts(since))
+    if until is not None:
+        inner += " AND p.ts < ?"
+        inner_params.append(as_ts(until))
+    before = "<" if filters.sort == "started" else ">"
+    order = "DESC" if filters.order == "desc" else "ASC"
+    sql = (f"SELECT e.linkedid FROM escalations e WHERE {where} AND e.linkedid IS NOT NULL "
+           f"AND NOT EXISTS (SELECT 1 FROM escalations p WHERE p.linkedid = e.linkedid{inner} "
+           f"AND (p.ts {before} e.ts OR (p.ts = e.ts AND p.id {before} e.id))) "
+           f"ORDER BY e.ts {order}, e.linkedid {order}")
+    return sql, [*params, *inner_params]
+
+
+def _summaries(conn: Connection, filters: Filters, zone: ZoneInfo, linkedids: list[str]) -> list[CallRow]:
+    """The calls' rows (first and last escalation in the range, presses), in the given order."""
+    if not linkedids:
+        return []
+    where, params = filters.where(zone)
+    found = {r[0]: CallRow(r[0], r[1], r[2], int(r[3]), r[4] or "", "") for r in conn.execute(
+        f"SELECT e.linkedid, MIN(e.ts), MAX(e.ts), COUNT(*), MAX(e.caller_number) FROM escalations e "
+        f"WHERE {where} AND e.linkedid IN ({', '.join('?' * len(linkedids))}) GROUP BY e.linkedid",
+        (*params, *linkedids)).fetchall()}
+    calls = [found[i] for i in linkedids if i in found]
+    _details(conn, calls)
+    return calls
+
+
 def count_calls(conn: Connection, filters: Filters, zone: ZoneInfo) -> int:
     where, params = filters.where(zone)
     return int(conn.execute(f"SELECT COUNT(DISTINCT e.linkedid) FROM escalations e WHERE {where}",
@@ -234,8 +277,13 @@ def count_calls(conn: Connection, filters: Filters, zone: ZoneInfo) -> int:
 
 
 def calls_page(conn: Connection, filters: Filters, zone: ZoneInfo, size: int) -> list[CallRow]:
+    offset = (filters.page - 1) * size
+    if _browsing(filters):
+        sql, params = _edges_sql(filters, zone)
+        ids = [r[0] for r in conn.execute(sql + " LIMIT ? OFFSET ?", (*params, size, offset)).fetchall()]
+        return _summaries(conn, filters, zone, ids)
     sql, params = _calls_sql(filters, zone)
-    rows = conn.execute(sql + " LIMIT ? OFFSET ?", (*params, size, (filters.page - 1) * size)).fetchall()
+    rows = conn.execute(sql + " LIMIT ? OFFSET ?", (*params, size, offset)).fetchall()
     calls = [CallRow(r[0], r[1], r[2], int(r[3]), r[4] or "", "") for r in rows]
     _details(conn, calls)
     return calls
@@ -243,6 +291,11 @@ def calls_page(conn: Connection, filters: Filters, zone: ZoneInfo, size: int) ->
 
 def iter_calls(conn: Connection, filters: Filters, zone: ZoneInfo, chunk: int = 500) -> Iterator[CallRow]:
     """Every call of the filtered set, in the page order, a chunk at a time."""
+    if _browsing(filters):
+        sql, params = _edges_sql(filters, zone)
+        for rows in conn.stream(sql, params, chunk):
+            yield from _summaries(conn, filters, zone, [r[0] for r in rows])
+        return
     sql, params = _calls_sql(filters, zone)
     for rows in conn.stream(sql, params, chunk):
         calls = [CallRow(r[0], r[1], r[2], int(r[3]), r[4] or "", "") for r in rows]
@@ -426,17 +479,19 @@ class Trends:
 
 
 def trends(conn: Connection, filters: Filters, zone: ZoneInfo) -> Trends:
-    """Escalations per local day by kind and per local hour of the week, from per-UTC-hour
-    counts in SQL; and the times the service started or reloaded with a changed config."""
+    """Escalations per local day by kind and per local hour of the week, from per-UTC-quarter-
+    hour counts in SQL (every zone's offset is whole quarter hours: India's +05:30, Nepal's
+    +05:45); and the times the service started or reloaded with a changed config."""
     where, params = replace(filters, kind="").where(zone)
+    quarter = "CAST(substr(e.ts, 15, 2) AS INTEGER) / 15"
     rows = conn.execute(
-        f"SELECT substr(e.ts, 1, 13), {KIND_GROUP_SQL}, COUNT(*) FROM escalations e "
-        f"WHERE {where} GROUP BY substr(e.ts, 1, 13), {KIND_GROUP_SQL}", params).fetchall()
+        f"SELECT substr(e.ts, 1, 13), {quarter}, {KIND_GROUP_SQL}, COUNT(*) FROM escalations e "
+        f"WHERE {where} GROUP BY substr(e.ts, 1, 13), {quarter}, {KIND_GROUP_SQL}", params).fetchall()
     per_day: dict[date, dict[str, int]] = {}
     heat = [[0] * 24 for _ in range(7)]
-    for hour, kind, count in rows:
+    for hour, part, kind, count in rows:
         try:
-            local = datetime.fromisoformat(hour + ":00:00+00:00").astimezone(zone)
+            local = datetime.fromisoformat(f"{hour}:{int(part) * 15:02d}:00+00:00").astimezone(zone)
         except ValueError:
             continue
         per_day.setdefault(local.date(), dict.fromkeys(KINDS, 0))[kind] += int(count)
