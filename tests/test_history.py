@@ -10,7 +10,7 @@ import pytest
 from stores import sqlite_db
 from trails import Trail, transferred, warned
 
-from calmline.audit.history import CallerHistory, is_withheld
+from calmline.audit.history import CallerHistory, Withheld, is_withheld
 from calmline.store import Database
 
 T0 = datetime(2026, 5, 1, 9, 0, tzinfo=timezone.utc)
@@ -72,23 +72,23 @@ def test_withheld_numbers_are_never_one_caller(db):
         assert is_withheld(number)
         assert history.calls(number) == 0
     assert not is_withheld("+111")
-    repeat = history.repeat_callers(minimum=1)
+    repeat, withheld = history.callers(minimum=1)
     assert all(not is_withheld(r.number) for r in repeat)
-    withheld = history.withheld()
     assert (withheld.calls, withheld.escalations) == (5, 5)
+    assert history.callers(T0 + timedelta(days=300))[1] == Withheld(0, 0)  # none in the range
 
 
 def test_repeat_callers_most_first_with_a_minimum(db):
     fill(db)
     history = CallerHistory(db)
     since, until = T0 - timedelta(hours=1), T0 + timedelta(days=1)
-    repeat = history.repeat_callers(since, until, minimum=2)
+    repeat, _withheld = history.callers(since, until, minimum=2)
     assert [(r.number, r.calls, r.escalations) for r in repeat] == [("+111", 3, 4), ("+222", 2, 2)]
     assert repeat[0].name == "Ann"
     assert repeat[1].last_at.startswith("2026-05-01T13:00:00")
-    assert [r.number for r in history.repeat_callers(since, until, minimum=3)] == ["+111"]
-    assert [r.number for r in history.repeat_callers(since, until, minimum=1)] == ["+111", "+222", "+333"]
-    assert [r.number for r in history.repeat_callers(since, until, minimum=1, limit=1)] == ["+111"]
+    assert [r.number for r in history.callers(since, until, minimum=3)[0]] == ["+111"]
+    assert [r.number for r in history.callers(since, until, minimum=1)[0]] == ["+111", "+222", "+333"]
+    assert [r.number for r in history.callers(since, until, minimum=1, limit=1)[0]] == ["+111"]
 
 
 class Recording:
@@ -116,14 +116,14 @@ def test_the_counts_read_through_indexes(tmp_path):
     recording = Recording(db)
     history = CallerHistory(recording)
     history.calls("+111", T0, T0 + timedelta(days=1))
-    history.repeat_callers(T0, T0 + timedelta(days=1), minimum=1)
-    history.withheld(T0, T0 + timedelta(days=1))
-    assert len(recording.statements) >= 4
+    history.callers(T0, T0 + timedelta(days=1), minimum=1)
+    assert len(recording.statements) >= 3
     conn = db.connect()
     try:
         for sql, params in recording.statements:
             plan = " ".join(str(r[-1]) for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
             assert "USING" in plan and "INDEX" in plan, (sql, plan)
-            assert not re.search(r"SCAN \w+$|SCAN \w+ (?!USING)", plan), (sql, plan)
+            # A table read whole is a defect; the scan of a grouped result (a CTE) is not.
+            assert not re.search(r"SCAN (escalations|events)\b(?! USING)", plan), (sql, plan)
     finally:
         conn.close()

@@ -90,36 +90,31 @@ class CallerHistory:
             conn.close()
         return int(row[0] or 0)
 
-    def repeat_callers(self, since: datetime | None = None, until: datetime | None = None, *,
-                       minimum: int = 2, limit: int = 200) -> list[RepeatCaller]:
-        """Numbers with at least `minimum` escalated calls in the range, most calls first."""
+    def callers(self, since: datetime | None = None, until: datetime | None = None, *,
+                minimum: int = 2, limit: int = 200) -> tuple[list[RepeatCaller], Withheld]:
+        """Numbers with at least `minimum` escalated calls in the range, most calls first; and
+        the withheld numbers as one group. One scan of the range grouped by number serves both
+        (a withheld call is counted once per spelling of its withheld number)."""
         bounds, params = self._range(since, until)
         conn = self.db.connect()
         try:
             rows = conn.execute(
-                f"SELECT caller_number, COUNT(DISTINCT linkedid) AS calls, COUNT(*), MAX(ts) FROM escalations "
-                f"WHERE 1 = 1{bounds} AND NOT {WITHHELD_SQL} "
-                f"GROUP BY caller_number HAVING COUNT(DISTINCT linkedid) >= ? "
-                f"ORDER BY calls DESC, caller_number LIMIT ?",
-                (*params, *WITHHELD, max(1, minimum), limit)).fetchall()
+                f"WITH g AS (SELECT caller_number, COUNT(DISTINCT linkedid) AS calls, COUNT(*) AS n, "
+                f"MAX(ts) AS last, CASE WHEN {WITHHELD_SQL} THEN 1 ELSE 0 END AS w FROM escalations "
+                f"WHERE 1 = 1{bounds} GROUP BY caller_number) "
+                f"SELECT caller_number, calls, n, last, w FROM (SELECT caller_number, calls, n, last, w FROM g "
+                f"WHERE w = 0 AND calls >= ? ORDER BY calls DESC, caller_number LIMIT ?) AS repeat "
+                f"UNION ALL SELECT NULL, SUM(calls), SUM(n), NULL, 1 FROM g WHERE w = 1",
+                (*WITHHELD, *params, max(1, minimum), limit)).fetchall()
             names = {}
-            for number, *_ in rows:  # one name per number shown: the greatest, for a stable answer
-                names[number] = conn.execute(
-                    f"SELECT MAX(caller_name) FROM escalations WHERE caller_number = ?{bounds}",
-                    (number, *params)).fetchone()[0] or ""
+            for number, *_, w in rows:  # one name per number shown: the greatest, for a stable answer
+                if not w:
+                    names[number] = conn.execute(
+                        f"SELECT MAX(caller_name) FROM escalations WHERE caller_number = ?{bounds}",
+                        (number, *params)).fetchone()[0] or ""
         finally:
             conn.close()
-        return [RepeatCaller(number=r[0], calls=int(r[1]), escalations=int(r[2]), last_at=r[3],
-                             name=names[r[0]]) for r in rows]
-
-    def withheld(self, since: datetime | None = None, until: datetime | None = None) -> Withheld:
-        """Escalated calls from withheld numbers in the range: a group, not a caller."""
-        bounds, params = self._range(since, until)
-        conn = self.db.connect()
-        try:
-            row = conn.execute(
-                f"SELECT COUNT(DISTINCT linkedid), COUNT(*) FROM escalations WHERE 1 = 1{bounds} AND {WITHHELD_SQL}",
-                (*params, *WITHHELD)).fetchone()
-        finally:
-            conn.close()
-        return Withheld(calls=int(row[0] or 0), escalations=int(row[1] or 0))
+        repeat = [RepeatCaller(number=r[0], calls=int(r[1]), escalations=int(r[2]), last_at=r[3],
+                               name=names[r[0]]) for r in rows if not r[4]]
+        withheld = [Withheld(calls=int(r[1] or 0), escalations=int(r[2] or 0)) for r in rows if r[4]]
+        return repeat, withheld[0] if withheld else Withheld(0, 0)

@@ -296,9 +296,7 @@ class Console:
         except ValueError:
             minimum = 3
         since, until = filters.bounds(self.zone)
-        repeat, withheld = await asyncio.to_thread(
-            lambda: (self.history.repeat_callers(since, until, minimum=minimum, limit=200),
-                     self.history.withheld(since, until)))
+        repeat, withheld = await asyncio.to_thread(self.history.callers, since, until, minimum=minimum, limit=200)
         return self.page(request, "callers.html", filters=filters, rows=repeat, withheld=withheld, minimum=minimum)
 
     async def trends(self, request: Request) -> Response:
