@@ -8,7 +8,8 @@ interleaved so that drift on a shared machine hits every server alike:
 
   throughput  sessions/s at concurrency 1 and 50, time to first command, CPU per session:
               calmline, panoramisk with the durable audit a user would add
-              (panoramisk-audit), panoramisk without one, a bare asyncio server.
+              (panoramisk-audit), the same peer storing what calmline stores
+              (panoramisk-store), panoramisk without audit, a bare asyncio server.
   burst       sessions offered at a fixed rate (500/s for 10 s): p50/p99 from connect to
               the first STREAM FILE and of the whole session, with durable commits.
   stores      calmline on SQLite, on PostgreSQL, and two instances on one PostgreSQL
@@ -36,6 +37,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +63,7 @@ SESSION_TIMEOUT = 15.0
 TARGETS = {
     "calmline": ("calmline", 1, "sqlite"),
     "panoramisk-audit": ("panoramisk-audit", 1, None),
+    "panoramisk-store": ("panoramisk-store", 1, None),
     "panoramisk": ("panoramisk", 1, None),
     "bare-asyncio": ("bare-asyncio", 1, None),
     "calmline-pg": ("calmline", 1, "pg-1"),
@@ -142,6 +145,56 @@ async def _panoramisk_audit(path: str, waits: list[float]):
     return db, warn
 
 
+async def _panoramisk_store(path: str, waits: list[float]):
+    """panoramisk's warn doing calmline's storage job: the session's three events (start, the
+    step, end) as rows of calmline's own schema (its migrations: the same indexes and the
+    triggers that keep `escalations`), through aiosqlite (WAL, synchronous=FULL), one
+    connection; the start and the step committed together once the prompt has played (the
+    step awaited, as calmline's is), the end committed before the session closes."""
+    import aiosqlite
+
+    from calmline.store import Database
+    from calmline.store.schema import EVENT_COLUMNS
+
+    Database("sqlite:///" + path).open_checked()  # creates calmline's schema
+    db = await aiosqlite.connect(path)
+    await db.execute("PRAGMA journal_mode = WAL")
+    await db.execute("PRAGMA synchronous = FULL")
+    insert = (f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(EVENT_COLUMNS))}) "
+              "ON CONFLICT (event_id) DO NOTHING")
+    encode = json.JSONEncoder().encode
+    prefix, ids = os.urandom(6).hex(), iter(range(1, 1 << 62))
+
+    def row(event: dict) -> tuple:
+        event["event_id"] = f"{prefix}-{next(ids)}"
+        event["ts"] = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        return (*[event.get(c) for c in EVENT_COLUMNS[:-1]], encode(event))
+
+    async def warn(request):
+        headers = request.headers
+        started = time.perf_counter()
+        call = {"session": f"{prefix}-s{next(ids)}", "action": "warn", "uniqueid": headers.get("agi_uniqueid"),
+                "channel": headers.get("agi_channel"), "caller_number": headers.get("agi_callerid"),
+                "caller_name": headers.get("agi_calleridname")}
+        linked = (await request.send_command(COMMANDS[0]))["result"][1].split("]|[")
+        call.update(linkedid=linked[0], agent=linked[1])
+        await db.execute(insert, row({**call, "event": "session_start", "level": "info"}))
+        await request.send_command(COMMANDS[1])
+        t = time.perf_counter()
+        await db.execute(insert, row({**call, "event": "step", "level": "info", "step": "warning_played",
+                                      "warning": 1, "final": False, "repeated": False,
+                                      "prompt": "calmline/warn-1"}))
+        await db.commit()
+        waits.append(time.perf_counter() - t)
+        await request.send_command(COMMANDS[2])
+        await db.execute(insert, row({**call, "event": "session_end", "level": "info", "outcome": "completed",
+                                      "status": "ok", "duration_ms": round((time.perf_counter() - started) * 1000, 3)}))
+        await db.commit()
+        await request.send_command(COMMANDS[3])
+
+    return db, warn
+
+
 def _measure_steps(waits: list[float]) -> None:
     """Record how long each of calmline's steps waits for its commit (bench-only wrapper)."""
     from calmline.audit.trail import AuditTrail
@@ -176,12 +229,15 @@ async def _start(kind: str, tmpdir: str, store_url: str | None, state: dict,
         address = await svc.start()
         service_module.tune_gc()  # as `calmline serve` does
         return address
-    if kind in ("panoramisk", "panoramisk-audit"):
+    if kind in ("panoramisk", "panoramisk-audit", "panoramisk-store"):
         from panoramisk.fast_agi import Application
 
         if kind == "panoramisk-audit":
             state["aiosqlite"], warn = await _panoramisk_audit(
                 os.path.join(tmpdir, "steps.sqlite3"), state["step_waits"])
+        elif kind == "panoramisk-store":
+            state["aiosqlite"], warn = await _panoramisk_store(
+                os.path.join(tmpdir, "store.sqlite3"), state["step_waits"])
         else:
             async def warn(request):
                 for command in COMMANDS:
@@ -901,7 +957,7 @@ def ratios(throughput: list[RunResult], burst: list[RunResult], stores: list[Run
 
     by = {(r.server, r.concurrency): r for r in throughput}
     a = by.get(("calmline", 50))
-    for peer, target in (("panoramisk-audit", ">= 1.0"), ("panoramisk", None)):
+    for peer, target in (("panoramisk-store", ">= 1.0"), ("panoramisk-audit", ">= 1.0"), ("panoramisk", None)):
         b = by.get((peer, 50))
         if a and b:
             value = a.sessions_per_s / b.sessions_per_s
@@ -931,7 +987,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default="throughput,burst,stores",
                         help="comma-separated parts to run (default: all three; stores only with --pg)")
-    parser.add_argument("--servers", default="calmline,panoramisk-audit,panoramisk,bare-asyncio",
+    parser.add_argument("--servers", default="calmline,panoramisk-store,panoramisk-audit,panoramisk,bare-asyncio",
                         help="throughput part: comma-separated servers")
     parser.add_argument("--sessions", type=int, default=None,
                         help="throughput and stores parts: sessions per measured run (default: "
@@ -940,7 +996,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="throughput part: comma-separated concurrency levels (default 1,50)")
     parser.add_argument("--repeat", type=int, default=5,
                         help="measured runs per row, interleaved; tables show medians (default 5)")
-    parser.add_argument("--burst-servers", default="calmline,panoramisk-audit",
+    parser.add_argument("--burst-servers", default="calmline,panoramisk-store,panoramisk-audit",
                         help="burst part: comma-separated servers")
     parser.add_argument("--burst-rate", type=float, default=500.0, help="sessions offered per second")
     parser.add_argument("--burst-seconds", type=float, default=10.0)
@@ -985,7 +1041,7 @@ def main(argv: list[str] | None = None) -> int:
         servers += ["calmline-alt"] if servers and "calmline-alt" not in servers else []
         burst_servers += ["calmline-alt"] if burst_servers and "calmline-alt" not in burst_servers else []
     for s in servers + burst_servers:
-        if s not in ("calmline", "panoramisk-audit", "panoramisk", "bare-asyncio", "calmline-alt"):
+        if s not in TARGETS or TARGETS[s][2] not in (None, "sqlite"):
             parser.error(f"unknown server {s!r}")
     if args.quick:
         args.repeat = min(args.repeat, 3)
@@ -1006,7 +1062,7 @@ def main(argv: list[str] | None = None) -> int:
     import calmline  # noqa: F401  (fail early if missing)
     if any(s.startswith("panoramisk") for s in servers + burst_servers):
         import panoramisk  # noqa: F401
-    if "panoramisk-audit" in servers + burst_servers:
+    if {"panoramisk-audit", "panoramisk-store"} & set(servers + burst_servers):
         import aiosqlite  # noqa: F401
 
     template = environment_template()
@@ -1115,7 +1171,8 @@ def _run(args, targets, servers, burst_servers, store_targets, levels, count, sc
     print(f"calmline {getattr(calmline, '__version__', '?')}: the real service, audit trail on "
           f"(SQLite WAL synchronous=full unless on PostgreSQL), JSON lines to os.devnull; "
           f"panoramisk {_version('panoramisk')}; panoramisk-audit: one awaited aiosqlite "
-          f"{_version('aiosqlite')} INSERT + commit per step (WAL, synchronous=full)")
+          f"{_version('aiosqlite')} INSERT + commit per step (WAL, synchronous=full); panoramisk-store: "
+          f"calmline's three rows per session into calmline's schema, one commit at the step and one at the end")
     if pg is not None:
         print(f"PostgreSQL {pg.version} at {pg.url.split('@')[-1]}: "
               + ", ".join(f"{k}={v}" for k, v in pg.settings.items()))

@@ -26,7 +26,7 @@ def run_bench(tmp_path: Path, *extra: str) -> tuple[dict, str]:
     env_clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--parts", "throughput,burst",
-         "--servers", "calmline,panoramisk-audit,bare-asyncio", "--concurrency", "1,5",
+         "--servers", "calmline,panoramisk-store,panoramisk-audit,bare-asyncio", "--concurrency", "1,5",
          "--sessions", "40", "--repeat", "1", "--burst-servers", "calmline",
          "--burst-rate", "40", "--burst-seconds", "1", "--burst-repeat", "1",
          "--json", str(out), *extra],
@@ -39,7 +39,7 @@ def run_bench(tmp_path: Path, *extra: str) -> tuple[dict, str]:
 @pytest.mark.parametrize("as_is", [False, True])
 def test_bench_completes_every_session_with_the_malloc_it_reports(tmp_path, as_is):
     result, stdout = run_bench(tmp_path, *(["--malloc-as-is"] if as_is else []))
-    servers = ("calmline", "panoramisk-audit", "bare-asyncio")
+    servers = ("calmline", "panoramisk-store", "panoramisk-audit", "bare-asyncio")
     rows = {(r["server"], r["concurrency"]): r for r in result["results"]}
     assert set(rows) == {(s, c) for s in servers for c in (1, 5)}
     for row in rows.values():
@@ -50,6 +50,7 @@ def test_bench_completes_every_session_with_the_malloc_it_reports(tmp_path, as_i
         # Both durable servers timed each step's commit; the bare server has none.
         assert rows[("calmline", conc)]["step_commit_p99_ms"] > 0
         assert rows[("panoramisk-audit", conc)]["step_commit_p99_ms"] > 0
+        assert rows[("panoramisk-store", conc)]["step_commit_p99_ms"] > 0
         assert rows[("bare-asyncio", conc)]["step_commit_p99_ms"] is None
     final = result["finals"]["calmline"]
     assert final["steps"] == final["expected_steps"] > 0
@@ -64,6 +65,7 @@ def test_bench_completes_every_session_with_the_malloc_it_reports(tmp_path, as_i
     assert ("dynamic thresholds" in stdout) is as_is
     assert "ratio: calmline/bare first-cmd p50 @1" in stdout
     assert "ratio: calmline/panoramisk-audit sessions/s @50" not in stdout  # no row at 50 here
+    assert "ratio: calmline/panoramisk-store sessions/s @50" not in stdout
     assert "connect->first STREAM FILE p99" in stdout
 
 
