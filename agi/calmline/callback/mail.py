@@ -14,7 +14,6 @@ blocks a caller's session. Every step is logged on `calmline.callback.mail`.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 import smtplib
@@ -33,6 +32,7 @@ import structlog
 from calmline.config import MailConfig
 from calmline.errors import CalmlineError, ConfigError
 from calmline.callback.outbox import CallbackRequest, Outbox, OutboxItem, caller_address
+from calmline.callback.worker import DeliveryWorker
 
 log = structlog.get_logger("calmline.callback.mail")
 
@@ -390,34 +390,16 @@ def send(message: EmailMessage, cfg: MailConfig, *, recipients: list[str] | None
 # --- the worker -----------------------------------------------------------
 
 
-class OutboxWorker:
+class OutboxWorker(DeliveryWorker[OutboxItem]):
     """Delivers due outbox messages in the background; one message at a time, in a thread."""
 
-    def __init__(
-        self,
-        outbox: Outbox,
-        cfg: MailConfig,
-        *,
-        clock: Callable[[], float] = time.time,
-        max_sleep: float = 30.0,
-    ):
-        self.outbox = outbox
-        self.cfg = cfg
-        self._clock = clock
-        self._max_sleep = max_sleep
+    kind = "mail"
+
+    def __init__(self, outbox: Outbox, cfg: MailConfig, *, clock: Callable[[], float] = time.time,
+                 max_sleep: float = 30.0):
         # The lease on a claimed mail: if this process dies mid-send, another instance's
         # worker sends it (same Message-ID) once the lease runs out.
-        self.claim_seconds = cfg.lease_seconds
-        self._wake = asyncio.Event()
-        self._stopping = False
-        self._done: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    # --- one message (runs in a worker thread, or directly for the CLI) ---
-
-    def _next(self, now: float) -> OutboxItem | None:
-        items = self.outbox.due(now, limit=1, claim_for=self.claim_seconds)
-        return items[0] if items else None
+        super().__init__(outbox, cfg, claim_seconds=cfg.lease_seconds, clock=clock, max_sleep=max_sleep)
 
     def _deliver(self, item: OutboxItem) -> bool:
         """Send one claimed message and record the outcome."""
@@ -464,75 +446,11 @@ class OutboxWorker:
                  attempt=attempt, smtp_reply=reply)
         return True
 
-    def deliver_due_now(self) -> tuple[int, int]:
-        """Send everything due now synchronously; (sent, failed).
-
-        Each message is tried at most once per call: a failure is rescheduled after now.
-        """
-        when = self._clock()
-        sent = failed = 0
-        while (item := self._next(when)) is not None:
-            if self._deliver(item):
-                sent += 1
-            else:
-                failed += 1
-        return sent, failed
-
-    # --- the loop ---
-
-    def wake(self) -> None:
-        """Look at the outbox now (after `Outbox.add`); safe from any thread."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            try:
-                running = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
-            if running is not loop:
-                loop.call_soon_threadsafe(self._wake.set)
-                return
-        self._wake.set()
-
-    def _sleep_for(self) -> float:
-        next_due = self.outbox.next_due()
-        if next_due is None:
-            return self._max_sleep
-        return min(max(next_due - self._clock(), 0.01), self._max_sleep)
-
-    async def run(self) -> None:
-        """Deliver due messages until `stop()`; never raises for mail or database trouble."""
-        self._loop = asyncio.get_running_loop()
-        self._done = asyncio.Event()
+    def _started(self) -> None:
         log.info("mail_worker_started", store=self.outbox.db.where, smtp=f"{self.cfg.host}:{self.cfg.port}")
-        try:
-            while not self._stopping:
-                self._wake.clear()
-                try:
-                    while not self._stopping:
-                        item = await asyncio.to_thread(self._next, self._clock())
-                        if item is None:
-                            break
-                        await asyncio.to_thread(self._deliver, item)
-                    delay = await asyncio.to_thread(self._sleep_for)
-                except Exception as exc:  # noqa: BLE001 - keep the worker alive
-                    log.error("mail_worker_error", error=f"{type(exc).__name__}: {exc}")
-                    delay = min(self.cfg.retry_initial_seconds, self._max_sleep)
-                if self._stopping:
-                    break
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
-                except TimeoutError:
-                    pass
-        finally:
-            self._done.set()
-            log.info("mail_worker_stopped")
 
-    async def stop(self) -> None:
-        """Finish the message in flight, then return once `run()` has ended."""
-        self._stopping = True
-        self._wake.set()
-        if self._done is not None:
-            await self._done.wait()
+    def _stopped(self) -> None:
+        log.info("mail_worker_stopped")
 
 
 # --- the CLI's view -------------------------------------------------------

@@ -10,7 +10,6 @@ once: a receiver that answered 2xx but whose answer was lost gets the same body 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
@@ -24,6 +23,7 @@ from typing import Any
 import structlog
 
 from calmline.config import AlertConfig
+from calmline.callback.worker import DeliveryWorker
 from calmline.store import SharedTable
 
 log = structlog.get_logger("calmline.callback.webhooks")
@@ -198,27 +198,15 @@ def post(item: Webhook, cfg: AlertConfig) -> int:
     return status
 
 
-class WebhookWorker:
+class WebhookWorker(DeliveryWorker[Webhook]):
     """Delivers due webhooks in the background, one at a time, in a thread."""
+
+    kind = "webhook"
 
     def __init__(self, outbox: WebhookOutbox, cfg: AlertConfig, *,
                  clock: Callable[[], float] = time.time, max_sleep: float = 30.0):
-        self.outbox = outbox
-        self.cfg = cfg
-        self._clock = clock
-        self._max_sleep = max_sleep
-        self._wake = asyncio.Event()
-        self._stopping = False
-        self._done: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def claim_seconds(self) -> float:
-        return self.cfg.timeout * 2 + 30
-
-    def _next(self, now: float) -> Webhook | None:
-        items = self.outbox.due(now, limit=1, claim_for=self.claim_seconds)
-        return items[0] if items else None
+        # A claim outlives the longest POST (its timeout), with room to record the result.
+        super().__init__(outbox, cfg, claim_seconds=cfg.timeout * 2 + 30, clock=clock, max_sleep=max_sleep)
 
     def _deliver(self, item: Webhook) -> bool:
         try:
@@ -236,65 +224,3 @@ class WebhookWorker:
         self.outbox.mark_sent(item, status, self._clock())
         log.info("webhook_sent", key=item.key, url=item.url, attempt=item.attempts + 1, http_status=status)
         return True
-
-    def deliver_due_now(self) -> tuple[int, int]:
-        """Send everything due now, each at most once; (sent, failed)."""
-        when = self._clock()
-        sent = failed = 0
-        while (item := self._next(when)) is not None:
-            if self._deliver(item):
-                sent += 1
-            else:
-                failed += 1
-        return sent, failed
-
-    def wake(self) -> None:
-        """Look at the outbox now; safe from any thread."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            try:
-                running = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
-            if running is not loop:
-                loop.call_soon_threadsafe(self._wake.set)
-                return
-        self._wake.set()
-
-    def _sleep_for(self) -> float:
-        next_due = self.outbox.next_due()
-        if next_due is None:
-            return self._max_sleep
-        return min(max(next_due - self._clock(), 0.01), self._max_sleep)
-
-    async def run(self) -> None:
-        """Deliver due webhooks until `stop()`; never raises for HTTP or database trouble."""
-        self._loop = asyncio.get_running_loop()
-        self._done = asyncio.Event()
-        try:
-            while not self._stopping:
-                self._wake.clear()
-                try:
-                    while not self._stopping:
-                        item = await asyncio.to_thread(self._next, self._clock())
-                        if item is None:
-                            break
-                        await asyncio.to_thread(self._deliver, item)
-                    delay = await asyncio.to_thread(self._sleep_for)
-                except Exception as exc:  # noqa: BLE001 - keep the worker alive
-                    log.error("webhook_worker_error", error=f"{type(exc).__name__}: {exc}")
-                    delay = min(self.cfg.retry_initial_seconds, self._max_sleep)
-                if self._stopping:
-                    break
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
-                except TimeoutError:
-                    pass
-        finally:
-            self._done.set()
-
-    async def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        if self._done is not None:
-            await self._done.wait()
