@@ -350,7 +350,7 @@ def cmd_store_migrate(args: argparse.Namespace) -> int:
     """Copy a store into another (SQLite into PostgreSQL): idempotent and resumable."""
     import os
 
-    from calmline.store import DATABASE_ERRORS, Database, reason
+    from calmline.store import DATABASE_ERRORS, reason
     from calmline.store.copy import copy_store
 
     password = os.environ.get(args.password_env) if args.password_env else None

@@ -24,7 +24,7 @@ from calmline.store import DATABASE_ERRORS, Connection, Database, reason
 
 if TYPE_CHECKING:
     from calmline.audit.trail import AuditTrail
-    from calmline.config import AMIConfig, Config, CooldownConfig
+    from calmline.config import Config, CooldownConfig
     from calmline.fastagi.contract import ActionContext
 
 REASON = "calmline cool-down"
