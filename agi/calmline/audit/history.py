@@ -39,6 +39,17 @@ def as_ts(when: datetime) -> str:
     return when.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
+def period_sql(column: str, since: datetime | str | None, until: datetime | str | None) -> tuple[str, list[str]]:
+    """` AND column >= ? AND column < ?` for the bounds given (a datetime, or already in the
+    store's `ts` format), and its parameters: every period in the store is since <= ts < until."""
+    sql, params = "", []
+    for bound, op in ((since, ">="), (until, "<")):
+        if bound is not None:
+            sql += f" AND {column} {op} ?"
+            params.append(as_ts(bound) if isinstance(bound, datetime) else bound)
+    return sql, params
+
+
 def is_withheld(number: str | None) -> bool:
     return number is None or number.strip().lower() in WITHHELD
 
@@ -66,14 +77,7 @@ class CallerHistory:
 
     @staticmethod
     def _range(since: datetime | None, until: datetime | None) -> tuple[str, list[str]]:
-        sql, params = "", []
-        if since is not None:
-            sql += " AND ts >= ?"
-            params.append(as_ts(since))
-        if until is not None:
-            sql += " AND ts < ?"
-            params.append(as_ts(until))
-        return sql, params
+        return period_sql("ts", since, until)
 
     def calls(self, number: str | None, since: datetime | None = None,
               until: datetime | None = None) -> int:

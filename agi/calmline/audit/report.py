@@ -33,7 +33,7 @@ from calmline.actions.catalog import (
     TRANSFER_RESULT,
     WARNING_PLAYED,
 )
-from calmline.audit.history import as_ts
+from calmline.audit.history import as_ts, period_sql
 from calmline.store import Connection, Database
 
 CALLS_SHOWN = 500
@@ -285,13 +285,7 @@ def _collect(conn: Connection, since: str | None, until: str | None) -> None:
         for setting in ("jit = off", "work_mem = '64MB'", "temp_buffers = '64MB'", "random_page_cost = 1.1"):
             conn.execute(f"SET {setting}")
     paths = (*_ESCALATION_PATHS, _RESULT_PATH)
-    bounds, params = "", []
-    if since is not None:
-        bounds += " AND a.ts >= ?"
-        params.append(since)
-    if until is not None:
-        bounds += " AND a.ts < ?"
-        params.append(until)
+    bounds, params = period_sql("a.ts", since, until)
     conn.execute(f"DROP TABLE IF EXISTS {_SCRATCH}")
     conn.execute(f"CREATE TEMP TABLE {_SCRATCH} (session TEXT, started TEXT, action TEXT, "
                  "agent TEXT, call TEXT, state TEXT)")

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
-from calmline.audit.history import ESCALATION_PATHS, WITHHELD, WITHHELD_SQL, as_ts
+from calmline.audit.history import ESCALATION_PATHS, WITHHELD, WITHHELD_SQL, as_ts, period_sql
 from calmline.store import Connection
 
 KINDS = ("warning", "final_warning", "transfer", "end")
@@ -124,14 +124,8 @@ class Filters:
 
     def where(self, zone: ZoneInfo) -> tuple[str, list[Any]]:
         """The WHERE clause over escalations `e`, and its parameters."""
-        sql, params = ["1 = 1"], []
-        since, until = self.bounds(zone)
-        if since is not None:
-            sql.append("e.ts >= ?")
-            params.append(as_ts(since))
-        if until is not None:
-            sql.append("e.ts < ?")
-            params.append(as_ts(until))
+        period, params = period_sql("e.ts", *self.bounds(zone))
+        sql = ["1 = 1" + period]
         if self.number:
             sql.append("e.caller_number = ?")
             params.append(self.number)
@@ -239,14 +233,7 @@ def _edges_sql(filters: Filters, zone: ZoneInfo) -> tuple[str, list[Any]]:
     time index with no earlier (later) escalation of their call in the range, so a page reads
     about its offset plus its size of index entries, each with one probe by linkedid."""
     where, params = filters.where(zone)
-    since, until = filters.bounds(zone)
-    inner, inner_params = "", []
-    if since is not None:
-        inner += " AND p.ts >= ?"
-        inner_params.append(as_ts(since))
-    if until is not None:
-        inner += " AND p.ts < ?"
-        inner_params.append(as_ts(until))
+    inner, inner_params = period_sql("p.ts", *filters.bounds(zone))
     before = "<" if filters.sort == "started" else ">"
     order = "DESC" if filters.order == "desc" else "ASC"
     sql = (f"SELECT e.linkedid FROM escalations e WHERE {where} AND e.linkedid IS NOT NULL "
@@ -511,17 +498,14 @@ def trends(conn: Connection, filters: Filters, zone: ZoneInfo) -> Trends:
 
 def config_changes(conn: Connection, since: datetime | None, until: datetime | None) -> list[dict[str, Any]]:
     """Starts and reloads whose config fingerprint differs from the one in use before."""
-    where, params = "event IN ('service_started', 'config_reloaded')", []
+    where = "event IN ('service_started', 'config_reloaded')"
     previous = None
     if since is not None:
         row = conn.execute(f"SELECT data FROM events WHERE {where} AND ts < ? ORDER BY ts DESC LIMIT 1",
                            (as_ts(since),)).fetchone()
         previous = _fingerprint(row[0]) if row else None
-        where += " AND ts >= ?"
-        params.append(as_ts(since))
-    if until is not None:
-        where += " AND ts < ?"
-        params.append(as_ts(until))
+    period, params = period_sql("ts", since, until)
+    where += period
     markers = []
     for event, ts, data in conn.execute(f"SELECT event, ts, data FROM events WHERE {where} ORDER BY ts LIMIT 10000",
                                         params).fetchall():
