@@ -20,9 +20,10 @@ import pytest
 from conftest import run
 from fake_asterisk import bridged_caller, environment, run_session
 
-from calmline.audit.trail import AuditStore
 from calmline.audit.report import KINDS, agent_endpoint, build_report, render_html
-from stores import outbox_at, sqlite_db  # noqa: E402
+from calmline.audit.store import AuditStore
+from stores import sqlite_db
+from trails import END_STEPS, Trail, result, transferred, warned
 
 NOW = datetime(2025, 3, 10, 12, 0, tzinfo=timezone.utc)
 SINCE = datetime(2025, 3, 4, tzinfo=timezone.utc)
@@ -35,68 +36,8 @@ CAROL = "PJSIP/carol-0000003b"
 DAVE = "PJSIP/dave-000000ff"
 
 
-_session_ids = itertools.count(1)
-
-
-class Trail:
-    """Writes sessions the way calmline's session and actions do, at chosen times."""
-
-    def __init__(self, path: Path):
-        self.store = AuditStore(sqlite_db(path))
-        self.store.open()
-
-    def session(self, at: datetime, action: str, *, linkedid: str, agent: str = "",
-                number: str = "+4930111", name: str = "", steps=(), outcome="completed", error=None,
-                started: bool = True, sid: str | None = None) -> None:
-        sid = sid or f"1-{next(_session_ids)}"
-        common = {"session": sid, "peer": "127.0.0.1:40000", "action": action, "uniqueid": linkedid,
-                  "channel": "PJSIP/caller-00000001", "caller_number": number, "caller_name": name}
-        if started:
-            common |= {"linkedid": linkedid, "agent": agent, "caller_channel": "PJSIP/caller-00000001"}
-        clock = itertools.count()
-
-        def emit(event: str, level="info", **fields):
-            ts = (at + timedelta(milliseconds=100 * next(clock))).isoformat(timespec="microseconds")
-            self.store.submit({**common, "event": event, "level": level, "ts": ts, **fields})
-
-        if started:
-            emit("session_start", params=None)
-        for step, fields in steps:
-            emit("step", step=step, **fields)
-        end = {"outcome": outcome, "status": "ok" if outcome == "completed" else "failed", "duration_ms": 12.5}
-        if error:
-            emit("session_end", level="warning", error=error, **end)
-        else:
-            emit("session_end", **end)
-
-    def close(self):
-        assert self.store.flush()
-        self.store.close()
-
-
 def at(day: int, hour: int, minute: int = 0, second: int = 0) -> datetime:
     return datetime(2025, 3, day, hour, minute, second, tzinfo=timezone.utc)
-
-
-def warned(n: int, final: bool = False):
-    return ("warning_played", {"warning": n, "final": final, "repeated": False, "prompt": f"calmline/warn-{n}"})
-
-
-END_STEPS = [("callback_queued", {"key": "k", "duplicate": False, "caller_email": False, "warnings": 2}),
-             ("call_marked", {"cdr_userfield": "calmline:ended", "cel_event": "CALMLINE_ENDED"}),
-             ("closing_prompt_played", {"prompt": "calmline/end"}),
-             ("caller_hung_up_by_agent", {"warnings": 2})]
-
-
-def transferred(target: str, **extra):
-    return [("transfer_prompt_played", {"target": target, "prompt": f"calmline/transfer-{target}"}),
-            ("caller_transferred",
-             {"target": target, "dial": "PJSIP/sup", "reason": "abusive", "warnings": 1, **extra})]
-
-
-def result(target: str, status: str, fallback: str | None, by: str):
-    return [("transfer_result", {"target": target, "dial_status": status, "answered": status == "ANSWER",
-                                 "fallback": fallback, "transferred_by": by})]
 
 
 @pytest.fixture
@@ -106,7 +47,7 @@ def audit_db(tmp_path) -> Path:
 
 def week_of_escalations(path: Path) -> Path:
     """A week of escalations by four agents on nine calls (one before the period)."""
-    t = Trail(path)
+    t = Trail(sqlite_db(path))
     # A: just before the period starts: never counted.
     t.session(at(3, 23, 59, 58), "warn", linkedid="A.1", agent=ALICE, steps=[warned(1)])
     # B, 4 Mar: the whole ladder.
@@ -227,7 +168,7 @@ def test_the_period_bounds_are_exact(audit_db):
 
 
 def test_the_page_escapes_everything_from_the_audit(audit_db, tmp_path):
-    trail = Trail(audit_db)
+    trail = Trail(sqlite_db(audit_db))
     nasty = 'Eve"><img src=x onerror=alert(2)>\x00\x1b[31m\u202egnp.exe'
     trail.session(at(10, 11, 30), "warn", linkedid='L"<b>', agent="PJSIP/<i>mallory</i>-00000001",
                   number="<svg onload=alert(3)>", name=nasty, steps=[warned(1)])
@@ -362,7 +303,7 @@ def _cli(tmp_path: Path, db: Path, command: str, *args: str) -> subprocess.Compl
 
 def test_cli_writes_the_report(tmp_path):
     db = tmp_path / "live.sqlite3"
-    trail = Trail(db)
+    trail = Trail(sqlite_db(db))
     now = datetime.now(timezone.utc)
     trail.session(now - timedelta(hours=1), "warn", linkedid="N.1", agent=ALICE, name=SCRIPT_NAME,
                   steps=[warned(1)])
@@ -448,7 +389,7 @@ def month_with_a_spike(path: Path, now: datetime) -> int:
     agents = [f"PJSIP/{name}-{rng.randrange(16**8):08x}" for name in ("alice", "bob", "carol", "dave", "erin")]
     agents.append("Local/x@sim-agent-00000001;1")
     names = ["Jordan Miller", "Sam Novak", "", "A. Okafor", "Priya Raman", "", "Lee Chen", "M. García"]
-    trail, calls = Trail(path), 0
+    trail, calls = Trail(sqlite_db(path)), 0
     first = (now - timedelta(days=29)).replace(hour=0, minute=0, second=0, microsecond=0)
     for day in range(30):
         for _ in range(rng.randint(0, 2) if day < 21 else rng.randint(3, 7)):
@@ -520,7 +461,7 @@ def test_a_real_browser_renders_the_empty_page(tmp_path, browser):
 
 def test_audit_cli_prints_the_trail_and_one_call(tmp_path):
     db = tmp_path / "live.sqlite3"
-    trail = Trail(db)
+    trail = Trail(sqlite_db(db))
     trail.session(at(9, 0, 0), "warn", linkedid="A.1", agent=ALICE, name=SCRIPT_NAME, steps=[warned(1)])
     trail.session(at(9, 5, 0), "warn", linkedid="B.2", agent=ALICE, steps=[warned(1), warned(2)])
     trail.close()
@@ -548,7 +489,7 @@ def test_audit_cli_writes_control_and_bidi_characters_as_escapes(tmp_path):
     import unicodedata
 
     db = tmp_path / "live.sqlite3"
-    trail = Trail(db)
+    trail = Trail(sqlite_db(db))
     name = f"Mallory {HIDDEN} gnp.exe"
     trail.session(at(9, 0, 0), "warn", linkedid="H.1", agent=ALICE, name=name, steps=[warned(1)])
     trail.close()
@@ -563,7 +504,7 @@ def test_audit_cli_writes_control_and_bidi_characters_as_escapes(tmp_path):
 
 def test_audit_cli_says_on_stderr_when_the_limit_cuts_the_trail(tmp_path):
     db = tmp_path / "live.sqlite3"
-    trail = Trail(db)
+    trail = Trail(sqlite_db(db))
     for minute in range(70):  # three events each: 210, past the default 200
         trail.session(at(9, minute // 60, minute % 60), "warn", linkedid="L.1", agent=ALICE, steps=[warned(1)])
     trail.close()
@@ -600,7 +541,7 @@ def test_cli_on_a_file_that_is_not_an_audit_trail_says_so(tmp_path, command):
 def test_cli_report_never_writes_through_a_planted_symlink_and_is_private(tmp_path):
     """As root, `--output DIR/report.html` wrote through a planted `report.html.partial`."""
     db = tmp_path / "live.sqlite3"
-    trail = Trail(db)
+    trail = Trail(sqlite_db(db))
     trail.session(datetime.now(timezone.utc) - timedelta(hours=1), "warn", linkedid="P.1", agent=ALICE,
                   steps=[warned(1)])
     trail.close()
@@ -621,7 +562,7 @@ def test_cli_report_never_writes_through_a_planted_symlink_and_is_private(tmp_pa
 
 
 def test_with_a_console_url_each_call_links_to_its_timeline(audit_db):
-    trail = Trail(audit_db)
+    trail = Trail(sqlite_db(audit_db))
     trail.session(at(10, 11, 30), "warn", linkedid='L"<b>&?/x', agent=ALICE, steps=[warned(1)])
     trail.close()
     report = build_report(sqlite_db(audit_db), since=SINCE, until=None, now=NOW,
@@ -642,3 +583,4 @@ def test_the_page_shows_the_most_recent_calls_and_counts_them_all(audit_db):
     assert report.escalations == 13  # the counts are over every call, not the ones shown
     page = render_html(report)
     assert "Showing the 3 most recent of 8 calls" in page and "calls escalated" in page
+
