@@ -147,3 +147,29 @@ def test_a_short_period_reads_only_its_own_rows(store_url, monkeypatch):
     assert summary(build_report(db, since=day, until=day + timedelta(days=1), now=END)) == alone
     # And it asked the store only through its indexes.
     assert statements and scans == []
+
+
+def test_transfer_results_are_read_through_their_own_partial_index(tmp_path, monkeypatch):
+    """The results are a few in a hundred sessions: the report must not walk every session
+    start of the period to find them (migration 8's partial index, keyed on the catalog's path)."""
+    from calmline.actions.catalog import TRANSFER_RESULT_ACTION
+    from calmline.store.schema import MIGRATIONS
+
+    [index] = [sql for version, _name, both in MIGRATIONS if version == 8 for sql in both["sqlite"]]
+    assert f"action = '{TRANSFER_RESULT_ACTION.path}'" in index
+    db = Database(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+    db.open_checked()
+    day = datetime(2025, 3, 12, tzinfo=timezone.utc)
+    one_day(db, day)
+    plans: list[tuple[str, list[str]]] = []
+    execute = Connection.execute
+
+    def planned(self, sql, params=()):
+        if f"a.action = '{TRANSFER_RESULT_ACTION.path}'" in sql and "a.event = 'session_start'" in sql:
+            plans.append((sql, [row[3] for row in execute(self, "EXPLAIN QUERY PLAN " + sql, params).fetchall()]))
+        return execute(self, sql, params)
+
+    monkeypatch.setattr(Connection, "execute", planned)
+    assert build_report(db, since=day, until=day + timedelta(days=1), now=END).transfer_results["answered"] == 1
+    [(_sql, plan)] = plans
+    assert any("INDEX events_transfer_results" in line for line in plan), plan
