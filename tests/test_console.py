@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import itertools
 import json
 import random
 import re
@@ -14,6 +13,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timedelta, timezone
+from urllib.parse import parse_qs
 
 import pytest
 from itsdangerous import TimestampSigner
@@ -492,11 +492,14 @@ def test_agents_counts_link_to_exactly_their_calls(db):
     truth = fill_grid(db, calls=40)
     client, audit = signed_in(db)
     page = client.get("/agents?since=").text
+    zone = client.app.state.console.zone
     links = re.findall(r'<td class="num"><a href="/calls\?([^"]+)">(\d+)</a></td>', page)
     assert len(links) >= 9
     for query, count in links:
         query = query.replace("&amp;", "&")
-        assert len(csv_ids(client, query)) == int(count), query
+        asked = {k: v[0] for k, v in parse_qs(query).items()}
+        want = expected(truth, zone, agent=asked.get("agent", ""), kind=asked.get("kind", ""))
+        assert len(csv_ids(client, query)) == int(count) == len(want), query
     assert "PJSIP/alice" in page and "Local/carol@agents" in page and "0000002a" not in page
     audit.close()
 

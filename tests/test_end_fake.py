@@ -16,8 +16,7 @@ from aiosmtpd.controller import Controller
 from conftest import run
 from fake_asterisk import bridged_caller, environment, run_session
 
-from calmline.callback.outbox import Outbox
-from stores import outbox_at, sqlite_db  # noqa: E402
+from stores import outbox_at  # noqa: E402
 
 
 class Inbox:

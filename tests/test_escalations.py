@@ -93,3 +93,22 @@ def test_a_prune_takes_the_escalations_with_the_events(db):
     fill(db)
     retention.prune(db, T0 + timedelta(days=1))
     assert [r[1] for r in rows(db)] == ["B", "B", "C", "C"]
+
+
+CHANNELS = ["PJSIP/alice-0000002a", "Local/x@agents-00000001;1", "SIP/trunk-b-0000abcd;2", "PJSIP/alice",
+            "", "-00000001", "x-00000001;", "Local/a-b-00000001;12", "PJSIP/ü-0000002a", "a;b-12345678"]
+
+
+def test_the_endpoint_is_the_same_in_python_and_in_the_sql_of_both_engines(db):
+    """The console and the report name an agent with endpoint(); the escalations table and the
+    report's counts with endpoint_sql(): one agent must not become two."""
+    from calmline.store.schema import endpoint, endpoint_sql
+
+    conn = db.connect()
+    try:
+        for channel in CHANNELS:
+            [(in_sql,)] = conn.execute(f"SELECT {endpoint_sql('c')} FROM (SELECT ? AS c) AS t", (channel,)).fetchall()
+            assert in_sql == endpoint(channel), channel
+    finally:
+        conn.close()
+    assert endpoint("Local/x@agents-00000001;1") == "Local/x@agents" and endpoint(None) == ""

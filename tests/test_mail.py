@@ -41,7 +41,7 @@ from calmline.callback.mail import (
     send,
 )
 from calmline.callback.outbox import Outbox
-from stores import outbox_at, sqlite_db  # noqa: E402
+from stores import outbox_at  # noqa: E402
 
 TEAM = "team@example.org"
 SENDER = "calmline@example.org"

@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 
 from calmline.config import MailConfig
 from calmline.callback.outbox import Outbox, backoff, caller_address
-from stores import outbox_at, sqlite_db  # noqa: E402
+from stores import outbox_at  # noqa: E402
 
 
 @pytest.fixture

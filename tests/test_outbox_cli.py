@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 
 from aiosmtpd.controller import Controller
 
-from calmline.callback.outbox import CallbackRequest, Outbox
-from stores import outbox_at, sqlite_db  # noqa: E402
+from calmline.callback.outbox import CallbackRequest
+from stores import outbox_at  # noqa: E402
 
 
 def free_port() -> int:

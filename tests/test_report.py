@@ -20,7 +20,8 @@ import pytest
 from conftest import run
 from fake_asterisk import bridged_caller, environment, run_session
 
-from calmline.audit.report import KINDS, agent_endpoint, build_report, render_html
+from calmline.audit.report import KINDS, build_report, render_html
+from calmline.store.schema import endpoint as agent_endpoint
 from calmline.audit.store import AuditStore
 from stores import sqlite_db
 from trails import END_STEPS, Trail, result, transferred, warned

@@ -14,7 +14,6 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import pytest
 from trails import Trail, transferred, warned
 
 from calmline.audit import report as report_module

@@ -35,7 +35,7 @@ from calmline.actions.catalog import (
 )
 from calmline.audit.history import as_ts, period_sql
 from calmline.store import Connection, Database
-from calmline.store.schema import endpoint_sql
+from calmline.store.schema import endpoint, endpoint_sql
 
 CALLS_SHOWN = 500
 AGENTS_CHARTED = 30
@@ -81,7 +81,6 @@ TRANSFER_LABELS = {"answered": "answered", "fallback": "not answered: fallback",
 TRANSFER_COLOURS = {"answered": "#4f83b0", "fallback": "#d1ad6b", "no_result": "#cfcfc7", "not_transferred": "#c46a62"}
 
 _ESCALATION_PATHS = {spec.path: spec.escalation for spec in catalog.ACTIONS if spec.escalation is not None}
-_AGENT_SUFFIX = re.compile(r"(?:-[0-9A-Fa-f]{8})?(?:;[0-9]+)?$")
 # Controls, lone surrogates and bidi overrides: shown as visible escapes, never passed through.
 _UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
 
@@ -217,11 +216,6 @@ class Report:
 
 def outcome_group(outcome: str) -> str:
     return outcome if outcome in ("completed", "caller_hung_up", "prompt_missing") else "failures"
-
-
-def agent_endpoint(channel: str) -> str:
-    """`PJSIP/alice-0000002a` → `PJSIP/alice`; `Local/x@sim-agent-00000001;1` → `Local/x@sim-agent`."""
-    return _AGENT_SUFFIX.sub("", channel) if channel else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,7 +515,7 @@ def _escalation(session: _Session, escalation: catalog.Escalation) -> Step:
             label = f"colleague {_str(keyed.get('extension'))}"
         elif _step(session, EXTENSION_REJECTED) is not None:
             label = "colleague (extension rejected)"
-    return Step(kind=kind, label=label, at=session.started, agent=agent_endpoint(session.agent),
+    return Step(kind=kind, label=label, at=session.started, agent=endpoint(session.agent),
                 outcome=outcome, error=session.error,
                 transferred=_step(session, CALLER_TRANSFERRED) is not None)
 

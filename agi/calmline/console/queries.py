@@ -10,7 +10,6 @@ session or a page on an index, and aggregates in SQL: nothing reads a table whol
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta, timezone
@@ -20,6 +19,7 @@ from zoneinfo import ZoneInfo
 
 from calmline.audit.history import ESCALATION_PATHS, WITHHELD, WITHHELD_SQL, as_ts, period_sql
 from calmline.store import Connection
+from calmline.store.schema import endpoint
 
 KINDS = ("warning", "final_warning", "transfer", "end")
 KIND_LABELS = {"warning": "warning", "final_warning": "final warning", "transfer": "transfer",
@@ -200,16 +200,6 @@ class CallRow:
     @property
     def outcome(self) -> str:
         return self.escalations[-1].outcome if self.escalations else ""
-
-
-def endpoint(channel: str | None) -> str:
-    """ENDPOINT_SQL in Python."""
-    channel = channel or ""
-    if re.search(r"-.{8};.$", channel, re.S):
-        return channel[:-11]
-    if re.search(r"-.{8}$", channel, re.S):
-        return channel[:-9]
-    return channel
 
 
 def _calls_sql(filters: Filters, zone: ZoneInfo) -> tuple[str, list[Any]]:

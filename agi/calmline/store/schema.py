@@ -169,9 +169,20 @@ _PATHS = "('warn', 'transfer/supervisor', 'transfer/colleague', 'transfer/collea
 _FINAL = """'%"final": true%'"""
 
 
+def endpoint(channel: str | None) -> str:
+    """The agent's endpoint from its channel: `PJSIP/alice-0000002a` -> `PJSIP/alice`,
+    `Local/x@agents-00000001;1` -> `Local/x@agents`. `endpoint_sql` is the same in SQL."""
+    channel = channel or ""
+    if len(channel) >= 11 and channel[-11] == "-" and channel[-2] == ";":
+        return channel[:-11]
+    if len(channel) >= 9 and channel[-9] == "-":
+        return channel[:-9]
+    return channel
+
+
 def endpoint_sql(column: str) -> str:
-    """The agent's endpoint from its channel (`PJSIP/alice-0000002a` -> `PJSIP/alice`, a Local
-    channel's `;1` too), as the escalations table stores it; the report uses it on events."""
+    """`endpoint()` as SQL both engines run: what the escalations table stores, and what the
+    report reads from events."""
     return (f"CASE WHEN {column} LIKE '%-________;_' THEN substr({column}, 1, length({column}) - 11) "
             f"WHEN {column} LIKE '%-________' THEN substr({column}, 1, length({column}) - 9) "
             f"ELSE COALESCE({column}, '') END")
