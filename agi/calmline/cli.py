@@ -328,7 +328,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     from calmline.audit.trail import configure_console
     from calmline.callback.mail import OutboxWorker, outbox_report
     from calmline.callback.outbox import Outbox
-
+    from calmline.callback.webhooks import WebhookOutbox, WebhookWorker, webhooks_report
     from calmline.store import Database
 
     cfg, _source = _load(args)
@@ -337,13 +337,22 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         print(f"outbox is empty (no store at {db.path} yet; store.url)")
         return EXIT_OK
     configure_console()
-    with Outbox(db) as outbox:
+    failing = 0
+    with Outbox(db) as outbox, WebhookOutbox(db) as hooks:
         if args.retry_now:
             count = outbox.retry_now()
             sent, failed = OutboxWorker(outbox, cfg.mail).deliver_due_now()
             print(f"retried {count} message(s): {sent} sent, {failed} still failing")
+            if count := hooks.retry_now():
+                posted, refused = WebhookWorker(hooks, cfg.alert).deliver_due_now()
+                print(f"retried {count} webhook(s): {posted} delivered, {refused} still failing")
+                failed += refused
+            failing = failed
         print(outbox_report(outbox))
-        return EXIT_FAILED if args.retry_now and failed else EXIT_OK
+        if listing := webhooks_report(hooks):
+            print()
+            print(listing)
+        return EXIT_FAILED if failing else EXIT_OK
 
 
 def cmd_store_migrate(args: argparse.Namespace) -> int:
@@ -478,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_prompts, language=None, dest=None, force=False)
     pr_install.set_defaults(func=cmd_prompts)
 
-    ob = sub.add_parser("outbox", help="list callback mails pending or failed; --retry-now sends them now")
+    ob = sub.add_parser("outbox", help="list callback mails and live-alert webhooks pending or failed; "
+                                         "--retry-now sends them now")
     ob.add_argument("--retry-now", action="store_true", help="send pending and failed messages now")
     ob.set_defaults(func=cmd_outbox)
 

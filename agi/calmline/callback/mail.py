@@ -31,7 +31,7 @@ import structlog
 
 from calmline.config import MailConfig
 from calmline.errors import CalmlineError, ConfigError
-from calmline.callback.outbox import CallbackRequest, Outbox, OutboxItem, caller_address
+from calmline.callback.outbox import CallbackRequest, Outbox, OutboxItem, caller_address, text_table, when_text
 from calmline.callback.worker import DeliveryWorker
 
 log = structlog.get_logger("calmline.callback.mail")
@@ -456,14 +456,6 @@ class OutboxWorker(DeliveryWorker[OutboxItem]):
 # --- the CLI's view -------------------------------------------------------
 
 
-def _when(epoch: float | None, now: float) -> str:
-    if epoch is None:
-        return "-"
-    if epoch <= now:
-        return "now"
-    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
 def outbox_report(outbox: Outbox) -> str:
     """A table of pending and failed messages for `calmline outbox`."""
     now = time.time()
@@ -471,25 +463,14 @@ def outbox_report(outbox: Outbox) -> str:
     sent = outbox.counts()["sent"]
     if not items:
         return "outbox is empty" + (f" ({sent} sent)" if sent else "")
-    header = ("KEY", "KIND", "STATUS", "ATTEMPTS", "NEXT ATTEMPT", "LAST ERROR")
-    rows = [
-        (
-            sanitize_line(item.key, 40),
-            item.kind,
-            item.status,
-            str(item.attempts),
-            _when(item.next_attempt, now) if item.status == "pending" else "-",
-            sanitize_line(item.last_error or "", 80) or "-",
-        )
+    lines = text_table(("KEY", "KIND", "STATUS", "ATTEMPTS", "NEXT ATTEMPT", "LAST ERROR"), [
+        (sanitize_line(item.key, 40), item.kind, item.status, str(item.attempts),
+         when_text(item.next_attempt, now) if item.status == "pending" else "-",
+         sanitize_line(item.last_error or "", 80) or "-")
         for item in items
-    ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    ])
     pending = sum(item.status == "pending" for item in items)
-    failed = len(items) - pending
-    lines.append("")
-    lines.append(f"{pending} pending, {failed} failed, {sent} sent")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", f"{pending} pending, {len(items) - pending} failed, {sent} sent"])
 
 
 __all__ = [

@@ -358,3 +358,21 @@ __all__ = [
     "caller_address",
     "STATUSES",
 ]
+
+
+# --- what `calmline outbox` prints -------------------------------------------------------
+
+
+def when_text(epoch: float | None, now: float) -> str:
+    """A next attempt as an admin reads it: `now`, or the UTC time."""
+    if epoch is None:
+        return "-"
+    if epoch <= now:
+        return "now"
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Left-aligned columns as wide as their widest cell (cells already sanitised)."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]

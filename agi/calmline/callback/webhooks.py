@@ -23,6 +23,8 @@ from typing import Any
 import structlog
 
 from calmline.config import AlertConfig
+from calmline.callback.mail import sanitize_line
+from calmline.callback.outbox import text_table, when_text
 from calmline.callback.worker import DeliveryWorker
 from calmline.store import SharedTable
 
@@ -143,6 +145,21 @@ class WebhookOutbox(SharedTable):
             updated = db.execute(f"SELECT {_COLUMNS} FROM webhooks WHERE id = ?", (item.id,)).fetchone()
         return Webhook(*updated)
 
+    def retry_now(self) -> int:
+        """Make every pending and failed webhook due now (a failed one gets one more attempt
+        before it counts as failed again); how many changed."""
+        with self._tx() as db:
+            changed = db.execute("UPDATE webhooks SET status = 'pending', next_attempt = 0 "
+                                 "WHERE status IN ('pending', 'failed')").rowcount
+        return int(changed or 0)
+
+    def unsent(self) -> list[Webhook]:
+        """The pending and failed webhooks, oldest first."""
+        with self._read() as db:
+            rows = db.execute(f"SELECT {_COLUMNS} FROM webhooks WHERE status IN ('pending', 'failed') "
+                              "ORDER BY id").fetchall()
+        return [Webhook(*row) for row in rows]
+
     def items(self) -> list[Webhook]:
         with self._read() as db:
             rows = db.execute(f"SELECT {_COLUMNS} FROM webhooks ORDER BY id").fetchall()
@@ -224,3 +241,22 @@ class WebhookWorker(DeliveryWorker[Webhook]):
         self.outbox.mark_sent(item, status, self._clock())
         log.info("webhook_sent", key=item.key, url=item.url, attempt=item.attempts + 1, http_status=status)
         return True
+
+
+def webhooks_report(outbox: WebhookOutbox) -> str:
+    """`calmline outbox`'s table of live alerts not yet delivered ("" when there never was one)."""
+    counts = outbox.counts()
+    if not any(counts.values()):
+        return ""
+    items = outbox.unsent()
+    if not items:
+        return f"webhooks: none waiting ({counts['sent']} sent)"
+    now = time.time()
+    lines = text_table(("KEY", "URL", "STATUS", "ATTEMPTS", "NEXT ATTEMPT", "LAST ERROR"), [
+        (sanitize_line(item.key, 40), sanitize_line(item.url, 60), item.status, str(item.attempts),
+         when_text(item.next_attempt, now) if item.status == "pending" else "-",
+         sanitize_line(item.last_error or "", 80) or "-")
+        for item in items
+    ])
+    return "\n".join(["webhooks:", *lines, "",
+                      f"{counts['pending']} pending, {counts['failed']} failed, {counts['sent']} sent"])
