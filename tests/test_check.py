@@ -395,3 +395,25 @@ def test_check_flags_an_open_bind_and_max_sessions_over_the_fd_limit(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path, timeout=60, preexec_fn=low_limit)
     assert problems(result) == [], result.stdout
     assert "ok: server.max_sessions (100) fits the open-file limit (256)" in result.stdout
+
+
+def test_the_store_is_checked_without_being_created_and_a_newer_one_is_refused(tmp_path, listening):
+    from calmline.store import Database
+    from calmline.store.schema import VERSION
+
+    path = tmp_path / "data" / "calmline.sqlite3"
+    config = write_config(tmp_path, listening, f'[store]\nurl = "sqlite:///{path}"\n')
+    fresh = calmline("-c", str(config), "check", cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stdout
+    assert f"ok: store {path} will be created by `calmline serve`" in fresh.stdout
+    assert not path.exists() and not path.parent.exists()  # a check creates nothing
+
+    db = Database(f"sqlite:///{path}")
+    db.open_checked()
+    conn = db.connect()
+    conn.execute("INSERT INTO schema_version (version) VALUES (?)", (VERSION + 1,))
+    conn.close()
+    newer = calmline("-c", str(config), "check", cwd=tmp_path)
+    assert newer.returncode == 1
+    assert problems(newer) == [f"store.url: {path} has schema version {VERSION + 1}, newer than this calmline "
+                               f"knows ({VERSION}); upgrade calmline, or point store.url at another store"]

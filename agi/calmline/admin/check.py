@@ -458,6 +458,42 @@ def _check_alert(cfg: Config) -> tuple[list[str], list[str]]:
     return [], [f"alert webhooks to {len(a.urls)} URL(s) can be signed"]
 
 
+def _check_store(cfg: Config) -> tuple[list[str], list[str]]:
+    """The store the service will write: its password at hand, reachable with it, and not
+    newer than this calmline. Nothing is created or migrated here; `calmline serve` does that."""
+    from calmline.store import DATABASE_ERRORS, Database, reason
+    from calmline.store.schema import VERSION
+
+    store = cfg.store
+    if store.password_env and store.password_env not in os.environ:
+        return [f"store.password_env: {store.password_env} is not set in this environment; set it where "
+                f"calmline runs (e.g. the systemd unit's Environment=) to the database user's password"], []
+    db = Database(store.url, password=store.resolved_password())
+    if db.path is not None and not db.path.exists():
+        parent = db.path.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return [f"store.url: {db.path} does not exist and {parent} is not writable; "
+                    f"{db.fix_hint()}"], []
+        return [], [f"store {db.where} will be created by `calmline serve`"]
+    try:
+        conn = db.connect()
+    except DATABASE_ERRORS as exc:
+        return [f"store.url: cannot open {db.where}: {reason(exc)}; {db.fix_hint()}"], []
+    try:
+        try:
+            version = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+        except DATABASE_ERRORS:
+            version = 0  # an empty database: `calmline serve` creates the schema
+    finally:
+        conn.close()
+    if version > VERSION:
+        return [f"store.url: {db.where} has schema version {version}, newer than this calmline knows "
+                f"({VERSION}); upgrade calmline, or point store.url at another store"], []
+    return [], [f"store {db.where} opens (schema version {version} of {VERSION})"]
+
+
 # Descriptors the service holds besides its sessions: the store, the listener, stdio, the mail.
 FD_RESERVE = 64
 
@@ -556,6 +592,7 @@ def run_checks(cfg: Config, args: argparse.Namespace) -> tuple[list[str], list[s
         notes.extend(result[1])
 
     add(_check_server_limits(cfg))
+    add(_check_store(cfg))
     add(_check_prompts(cfg))
     add(_check_mail(cfg))
     add(_check_alert(cfg))

@@ -180,7 +180,7 @@ class Database:
             conn = self.connect()
         except DATABASE_ERRORS as exc:
             raise StoreError(f"store.url: cannot open {self.where}: {reason(exc)}; "
-                             f"{self._fix()}") from None
+                             f"{self.fix_hint()}") from None
         try:
             if self.kind == "sqlite":
                 found = conn.execute("PRAGMA quick_check").fetchall()
@@ -192,14 +192,16 @@ class Database:
         except StoreError:
             raise
         except DATABASE_ERRORS as exc:
-            raise StoreError(f"store.url: cannot write {self.where}: {reason(exc)}; {self._fix()}") from None
+            raise StoreError(f"store.url: cannot write {self.where}: {reason(exc)}; {self.fix_hint()}") from None
         finally:
             conn.close()
 
-    def _fix(self) -> str:
+    def fix_hint(self) -> str:
+        """What an admin checks when the store cannot be opened or written."""
         if self.kind == "sqlite":
             return "point it at a file in a directory calmline can write"
-        return "check that the server is up, the database exists and the user may create tables in it"
+        return ("check that the server is up, the database exists, the user may create tables in it "
+                "and its password (store.password_env) is right")
 
     def _migrate(self, conn: Connection) -> None:
         """Apply the missing migrations in one transaction, under a lock two instances share."""
