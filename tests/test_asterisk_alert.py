@@ -35,6 +35,7 @@ def test_the_escalation_arrives_over_ami_before_the_caller_leaves(lab, keys, kin
     assert [s["key"] for s in steps] == [event["AlertId"]]
 
 
+@pytest.mark.slow  # its fake-Asterisk twin runs every time
 def test_the_webhook_of_a_real_call_arrives_once_after_an_outage_of_the_receiver(lab, monkeypatch):
     import time
 

@@ -191,6 +191,7 @@ def test_a_restart_after_the_due_time_unpauses_at_once(cooled):
     lab.ami.wait_idle(mark, timeout=40)
 
 
+@pytest.mark.slow  # its fake-Asterisk twin runs every time
 def test_an_agent_who_unpauses_by_hand_is_not_paused_again_nor_unpaused(cooled):
     lab, _relay, _ = cooled
     mark = end_queue_call(lab, "cooldownhand")
@@ -214,6 +215,7 @@ def test_an_agent_who_unpauses_by_hand_is_not_paused_again_nor_unpaused(cooled):
     lab.ami.wait_idle(mark, timeout=40)
 
 
+@pytest.mark.slow  # its fake-Asterisk twin runs every time
 def test_ami_down_is_retried_until_it_is_back(cooled):
     lab, relay, _ = cooled
     relay.stop()

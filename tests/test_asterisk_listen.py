@@ -93,6 +93,7 @@ def test_the_supervisor_whispers_to_the_agent_and_the_caller_hears_nothing(lab, 
     assert 5 <= ended["listened_seconds"] <= 10
 
 
+@pytest.mark.slow  # its fake-Asterisk twin runs every time
 def test_the_supervisor_presses_6_to_barge_and_then_the_caller_hears_them(lab, tmp_path):
     events, steps, heard = listen_call(lab, tmp_path, "barge", "listenbarge")
     assert lab_event(events, "listener-barged")
