@@ -135,3 +135,14 @@ def store_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'store.sqlite3'}"
     return request.getfixturevalue("pg_database")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path):
+    """An opened store on each engine: SQLite in tmp_path, and this test's own PostgreSQL database."""
+    from calmline.store import Database
+
+    database = Database(f"sqlite:///{(tmp_path / 'store.sqlite3').resolve()}" if request.param == "sqlite"
+                        else request.getfixturevalue("pg_database"))
+    database.open_checked()
+    return database

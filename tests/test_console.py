@@ -42,15 +42,6 @@ def _config(**console):
     return parse(f'[console]\n{lines}\n')
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request, tmp_path) -> Database:
-    if request.param == "sqlite":
-        return sqlite_db(tmp_path / "store.sqlite3")
-    database = Database(request.getfixturevalue("pg_database"))
-    database.open_checked()
-    return database
-
-
 @pytest.fixture
 def sqlite(tmp_path) -> Database:
     return sqlite_db(tmp_path / "store.sqlite3")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-import pytest
-from stores import sqlite_db
 from trails import END_STEPS, Trail, transferred, warned
 
 from calmline.audit import retention
@@ -14,15 +12,6 @@ from calmline.store import Database
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=timezone.utc)
 COLUMNS = "session, linkedid, ts, action, kind, endpoint, agent, caller_number, caller_name, outcome"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request, tmp_path) -> Database:
-    if request.param == "sqlite":
-        return sqlite_db(tmp_path / "store.sqlite3")
-    database = Database(request.getfixturevalue("pg_database"))
-    database.open_checked()
-    return database
 
 
 def fill(db: Database) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta, timezone
 
-import pytest
 from stores import sqlite_db
 from trails import Trail, transferred, warned
 
@@ -13,19 +12,6 @@ from calmline.audit.history import CallerHistory, Withheld, is_withheld
 from calmline.store import Database
 
 T0 = datetime(2026, 5, 1, 9, 0, tzinfo=timezone.utc)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request, tmp_path) -> Database:
-    if request.param == "sqlite":
-        return sqlite_db(tmp_path / "store.sqlite3")
-    try:
-        url = request.getfixturevalue("pg_database")
-    except pytest.FixtureLookupError:
-        pytest.skip("no PostgreSQL fixture (tests/postgres.py) in this tree")
-    database = Database(url)
-    database.open_checked()
-    return database
 
 
 def fill(db: Database) -> None:
