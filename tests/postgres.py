@@ -86,19 +86,13 @@ def drop_database(url: str) -> None:
         admin_execute(with_database(url, "postgres"), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(scope="session")
-def postgres_cluster() -> Iterator[Cluster | None]:
-    """The session's own cluster (None when CALMLINE_TEST_POSTGRES_URL names a server)."""
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        unavailable("psycopg is not installed; run `pip install -e '.[test]'`")
-    if os.environ.get(ENV_URL):
-        yield None
-        return
+@contextlib.contextmanager
+def started_cluster(prefix: str, missing: str) -> Iterator[Cluster]:
+    """A cluster started with run-postgres.sh on a free port, stopped and removed afterwards;
+    `missing` is what is said when the script is not there."""
     if not SCRIPT.exists():
-        unavailable(f"no {SCRIPT}; set {ENV_URL} to a server's URL")
-    cluster = Cluster(tempfile.mktemp(prefix="calmline-pg-"), free_port())
+        unavailable(missing)
+    cluster = Cluster(tempfile.mktemp(prefix=prefix), free_port())
     try:
         cluster.start()
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
@@ -109,6 +103,20 @@ def postgres_cluster() -> Iterator[Cluster | None]:
     finally:
         cluster.stop()
         subprocess.run(["rm", "-rf", cluster.datadir], check=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Cluster | None]:
+    """The session's own cluster (None when CALMLINE_TEST_POSTGRES_URL names a server)."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        unavailable("psycopg is not installed; run `pip install -e '.[test]'`")
+    if os.environ.get(ENV_URL):
+        yield None
+        return
+    with started_cluster("calmline-pg-", f"no {SCRIPT}; set {ENV_URL} to a server's URL") as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

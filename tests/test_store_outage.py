@@ -4,33 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import tempfile
 import time
 
 import psycopg
 import pytest
 from fake_asterisk import bridged_caller, environment, run_session
-from postgres import SCRIPT, Cluster, fresh_database, free_port, unavailable
+from postgres import SCRIPT, fresh_database, free_port, started_cluster
 from serve_process import ServeProcess
 
 
 @pytest.fixture
 def own_cluster(postgres_url):
     """A cluster of this test's own, since it is stopped and started under load."""
-    if not SCRIPT.exists():
-        unavailable(f"no {SCRIPT} to start a cluster this test may stop")
-    cluster = Cluster(tempfile.mktemp(prefix="calmline-pg-outage-"), free_port())
-    try:
-        cluster.start()
-    except Exception as exc:  # noqa: BLE001 - reported as unavailable, failing under CI
-        cluster.stop()
-        unavailable(str(exc))
-    try:
+    with started_cluster("calmline-pg-outage-", f"no {SCRIPT} to start a cluster this test may stop") as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        os.system(f"rm -rf '{cluster.datadir}'")
 
 
 ACK = 'SET VARIABLE CALMLINE_STATUS "ok"'
